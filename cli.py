@@ -1,0 +1,44 @@
+"""Command line of the toolkit: ``cli extract``, ``cli train-head``, ``cli eval``, ...
+
+The commands live beside the code they drive (``extract/commands.py``, ``cache/commands.py``,
+``heads/commands.py``); this module only groups them. Errors the user can fix (``InputError``) are
+printed as one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from cache.commands import info
+from cache.errors import InputError
+from extract.commands import demo_data, extract, import_precomp
+from heads.commands import evaluate, train_head
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Cache backbone features once; train and evaluate image-text retrieval heads from them."""
+
+
+for command in (extract, import_precomp, demo_data, info, train_head, evaluate):
+    cli.add_command(command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except InputError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
