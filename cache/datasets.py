@@ -1,13 +1,33 @@
-"""Torch-side access to caches: token batches for encoding, pairs for training."""
+"""Torch-side access to caches: token batches for encoding, caption-indexed pairs for training.
+
+Training is indexed by caption, as in every reference implementation: an epoch visits every caption
+of the split once (each image about five times), and a batch holds ``B`` captions plus the image of
+each. Batches are read whole (one memmap read of the sorted unique image rows, one of the sorted
+caption rows), so a DataLoader item is a batch, not a sample.
+
+Feature-level augmentation replaces the input-level augmentation the references apply before their
+backbones (impossible on cached features): each image token (region or patch) and each caption token
+state is dropped independently with a probability, never a prefix token (CLS, registers, [CLS]) or
+suffix token ([SEP]), and always keeping at least one of the droppable tokens. The decision for a
+token is a hash of (seed, epoch, caption row, side, position), so it is deterministic, independent of
+the batch composition, of the number of DataLoader workers and of the number of ranks.
+"""
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from cache.batch import TokenBatch
+from cache.errors import InputError
 from cache.store import ImageCache, TextCache
+
+PRELOAD_CHOICES = ("none", "ram", "device", "auto")
+_AUTO_FRACTION = 0.5  # preload only when the split takes at most this fraction of free memory
 
 
 def to_token_batch(tokens: np.ndarray, lengths: np.ndarray) -> TokenBatch:
@@ -26,3 +46,274 @@ def token_batches(cache: ImageCache | TextCache, batch_size: int,
         chunk = rows[start:start + batch_size]
         tokens, lengths = cache.read(chunk)
         yield chunk, to_token_batch(tokens, lengths)
+
+
+# ------------------------------------------------------------------------------ epoch order
+
+
+def caption_batches(num_captions: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                    world_size: int = 1) -> list[np.ndarray]:
+    """Caption rows of each batch of one epoch, for one rank.
+
+    The global order is a permutation seeded by (seed, epoch), cut into global batches of
+    ``batch_size`` captions; the last incomplete batch is dropped (as the references do). With
+    several ranks, rank ``r`` takes the ``r``-th contiguous slice of each global batch, so the ranks
+    together see exactly the batches one process with the same global batch size sees.
+    """
+    if batch_size % world_size:
+        raise InputError(f"the global batch size {batch_size} is not divisible by the "
+                         f"{world_size} processes")
+    if num_captions < batch_size:
+        raise InputError(f"the training split has {num_captions} captions, fewer than one batch "
+                         f"of {batch_size}; lower optim.batch_size")
+    order = np.random.default_rng([seed, epoch]).permutation(num_captions)
+    local = batch_size // world_size
+    steps = num_captions // batch_size
+    return [order[s * batch_size + rank * local:s * batch_size + (rank + 1) * local]
+            for s in range(steps)]
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Sampler of ``(epoch, caption rows)`` items for a DataLoader with ``batch_size=None``.
+
+    Call ``set_epoch`` before iterating; iteration order depends only on (seed, epoch, rank)."""
+
+    def __init__(self, num_captions: int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.num_captions, self.batch_size, self.seed = num_captions, batch_size, seed
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+        caption_batches(num_captions, batch_size, seed, 0, rank, world_size)  # validate early
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_captions // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        for rows in caption_batches(self.num_captions, self.batch_size, self.seed, self.epoch,
+                                    self.rank, self.world_size):
+            yield self.epoch, rows
+
+
+# ------------------------------------------------------------------------------ token drop
+
+_SIDE = {"image": 1, "text": 2}
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on uint64 arrays (wrapping arithmetic)."""
+    h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+def hash_uniform(keys: Sequence[int | np.ndarray]) -> np.ndarray:
+    """Uniform numbers in [0, 1) that depend only on the (broadcast) integer keys."""
+    with np.errstate(over="ignore"):
+        h = np.zeros((), np.uint64)
+        for key in keys:
+            k = np.asarray(key)
+            k = k if k.dtype == np.uint64 else k.astype(np.int64).view(np.uint64)
+            h = _mix(h ^ k ^ np.uint64(0x9E3779B97F4A7C15))
+        return (h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+@dataclass(frozen=True)
+class TokenDrop:
+    """Random drop of one side's tokens: probability ``p`` per token between the ``prefix`` first and
+    the ``suffix`` last valid tokens, which are never dropped; at least one droppable token stays."""
+
+    p: float = 0.0
+    prefix: int = 0
+    suffix: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p < 1.0:
+            raise InputError(f"token drop probability must be in [0, 1), got {self.p}")
+
+    def keep_order(self, lengths: np.ndarray, keys: Sequence[int | np.ndarray],
+                   width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Gather indices ``[B, W']`` (kept positions first, in order) and the new lengths ``[B]``.
+
+        ``keys`` identify each row (broadcast against ``[B, 1]``), e.g. (seed, epoch, side, rows)."""
+        lengths = np.asarray(lengths, np.int64)
+        pos = np.arange(width)[None, :]
+        valid = pos < lengths[:, None]
+        droppable = valid & (pos >= self.prefix) & (pos < lengths[:, None] - self.suffix)
+        if self.p > 0:
+            u = hash_uniform([*(np.asarray(k).reshape(-1, 1) if np.ndim(k) else k for k in keys), pos])
+            drop = droppable & (u < self.p)
+            # keep at least one droppable token: the one with the largest draw
+            emptied = droppable.any(1) & ~(droppable & ~drop).any(1)
+            if emptied.any():
+                best = np.where(droppable, u, -1.0).argmax(1)
+                drop[emptied, best[emptied]] = False
+            keep = valid & ~drop
+        else:
+            keep = valid
+        new_lengths = keep.sum(1)
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :max(int(new_lengths.max(initial=0)), 1)]
+        return order, new_lengths
+
+
+def _compact(tokens: Tensor, order: np.ndarray, lengths: np.ndarray) -> TokenBatch:
+    """Gather kept tokens to the front, zero the padding, and build the mask."""
+    index = torch.from_numpy(order).to(tokens.device, non_blocking=True)
+    lengths_t = torch.from_numpy(np.asarray(lengths, np.int64)).to(tokens.device, non_blocking=True)
+    width = index.shape[1]
+    if width > tokens.shape[1]:  # nothing valid at all (cannot happen with non-empty rows)
+        tokens = torch.nn.functional.pad(tokens, (0, 0, 0, width - tokens.shape[1]))
+    out = torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[2]))
+    mask = torch.arange(width, device=tokens.device).unsqueeze(0) < lengths_t.unsqueeze(1)
+    return TokenBatch(out * mask.unsqueeze(-1).to(out.dtype), mask)
+
+
+# ------------------------------------------------------------------------------ token sources
+
+
+class CacheSource:
+    """Reads batches through the memmap readers (nothing held in memory beyond a batch)."""
+
+    def __init__(self, images: ImageCache, texts: TextCache) -> None:
+        self.images, self.texts = images, texts
+
+    def read_images(self, rows: np.ndarray) -> Tensor:
+        """fp16 tokens ``[n, T, D]`` of sorted unique image rows."""
+        return torch.from_numpy(self.images.read(rows)[0])
+
+    def read_texts(self, rows: np.ndarray) -> Tensor:
+        """fp16 caption states padded to the longest row, ``[n, L, D]``."""
+        return torch.from_numpy(self.texts.read(rows)[0])
+
+
+class ArraySource:
+    """A split held whole in memory: numpy arrays (``ram``) or tensors on a device (``device``)."""
+
+    def __init__(self, images: ImageCache, texts: TextCache, device: torch.device | None = None) -> None:
+        image_tokens = torch.from_numpy(np.array(images.tokens))
+        text_tokens = torch.from_numpy(np.array(texts.tokens))
+        target = device or torch.device("cpu")
+        self.image_tokens = image_tokens.to(target)
+        self.text_tokens = text_tokens.to(target)
+        self.offsets = torch.from_numpy(np.asarray(texts.offsets, np.int64)).to(target)
+        self.text_lengths = torch.from_numpy(np.asarray(texts.lengths, np.int64)).to(target)
+        self.device = target
+
+    def read_images(self, rows: np.ndarray) -> Tensor:
+        return self.image_tokens[torch.from_numpy(rows).to(self.device)]
+
+    def read_texts(self, rows: np.ndarray) -> Tensor:
+        rows_t = torch.from_numpy(rows).to(self.device)
+        lengths = self.text_lengths[rows_t]
+        width = int(lengths.max()) if len(rows) else 0
+        pos = torch.arange(width, device=self.device).unsqueeze(0)
+        valid = pos < lengths.unsqueeze(1)
+        flat = (self.offsets[rows_t].unsqueeze(1) + pos).clamp(max=self.text_tokens.shape[0] - 1)
+        return self.text_tokens[flat] * valid.unsqueeze(-1).to(self.text_tokens.dtype)
+
+
+def split_bytes(images: ImageCache, texts: TextCache) -> int:
+    """Bytes the token arrays of an image and a text cache take (fp16)."""
+    return int(np.prod(images.tokens.shape)) * 2 + int(np.prod(texts.tokens.shape)) * 2
+
+
+def _available_ram() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def resolve_preload(mode: str, images: ImageCache, texts: TextCache,
+                    device: torch.device) -> tuple[str, str]:
+    """The preload actually used for ``mode`` and a sentence saying why (for the log)."""
+    if mode not in PRELOAD_CHOICES:
+        raise InputError(f"data.preload must be one of {PRELOAD_CHOICES}, got {mode!r}")
+    need = split_bytes(images, texts)
+    size = f"{need / 2**20:.0f} MiB"
+    if mode == "device" and device.type == "cpu":
+        return "ram", f"preload 'device' on a CPU run keeps the split ({size}) in RAM"
+    if mode != "auto":
+        return mode, f"preload {mode!r} ({size})"
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if need <= _AUTO_FRACTION * free:
+            return "device", f"preload auto: the split ({size}) fits on {device}"
+    if need <= _AUTO_FRACTION * _available_ram():
+        return "ram", f"preload auto: the split ({size}) fits in RAM"
+    return "none", f"preload auto: the split ({size}) is read per batch from the memmap"
+
+
+# ------------------------------------------------------------------------------ training pairs
+
+
+class PairBatches(torch.utils.data.Dataset):
+    """Caption-indexed training pairs, one item per batch.
+
+    ``dataset[(epoch, caption_rows)]`` returns ``(images, texts, image_ids)``: image token batch
+    ``[B, T', D]``, caption token batch ``[B, L', D]`` (both fp16, padded, masked, after token drop)
+    and the image row of each caption ``[B]`` (for same-image masking in the loss). Row ``i`` of the
+    images is the image of caption ``i``.
+    """
+
+    def __init__(self, images: ImageCache, texts: TextCache, seed: int = 0,
+                 image_drop: float = 0.0, text_drop: float = 0.0, preload: str = "none",
+                 device: torch.device | None = None) -> None:
+        check_pair_caches(images, texts)
+        self.images, self.texts, self.seed = images, texts, seed
+        self.image_drop = TokenDrop(image_drop, images.attrs.prefix_tokens, images.attrs.suffix_tokens)
+        self.text_drop = TokenDrop(text_drop, texts.attrs.prefix_tokens, texts.attrs.suffix_tokens)
+        if preload == "none":
+            self.source: CacheSource | ArraySource = CacheSource(images, texts)
+        elif preload in ("ram", "device"):
+            self.source = ArraySource(images, texts, device if preload == "device" else None)
+        else:
+            raise InputError(f"preload must be none, ram or device here, got {preload!r}")
+        self.on_device = preload == "device"
+        self.image_lengths = np.asarray(images.lengths, np.int64)
+        self.text_lengths = np.asarray(texts.lengths, np.int64)
+        self.image_index = np.asarray(texts.image_index, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, item: tuple[int, np.ndarray]) -> tuple[TokenBatch, TokenBatch, Tensor]:
+        epoch, rows = item
+        rows = np.asarray(rows, np.int64)
+        image_rows = self.image_index[rows]
+        uniq, inverse = np.unique(image_rows, return_inverse=True)
+        image_tokens = self.source.read_images(uniq)[torch.from_numpy(inverse).to(
+            self.source_device)]
+        by_row = np.argsort(rows, kind="stable")
+        text_tokens = self.source.read_texts(rows[by_row])[torch.from_numpy(
+            np.argsort(by_row)).to(self.source_device)]
+        keys = (self.seed, epoch)
+        img_order, img_len = self.image_drop.keep_order(
+            self.image_lengths[image_rows], (*keys, _SIDE["image"], rows), image_tokens.shape[1])
+        txt_order, txt_len = self.text_drop.keep_order(
+            self.text_lengths[rows], (*keys, _SIDE["text"], rows), text_tokens.shape[1])
+        return (_compact(image_tokens, img_order, img_len), _compact(text_tokens, txt_order, txt_len),
+                torch.from_numpy(image_rows))
+
+    @property
+    def source_device(self) -> torch.device:
+        return self.source.device if isinstance(self.source, ArraySource) else torch.device("cpu")
+
+
+def check_pair_caches(images: ImageCache, texts: TextCache) -> None:
+    """Fail naming the text cache when its captions point at rows the image cache lacks."""
+    index = np.asarray(texts.image_index)
+    if len(index) and (index.min() < 0 or index.max() >= len(images)):
+        bad = int(np.argmax((index < 0) | (index >= len(images))))
+        raise InputError(f"{texts.path}: caption row {bad} points at image row {int(index[bad])}, "
+                         f"but {images.path} has {len(images)} images (caches of different splits?)")
+
+
+def pair_loader(dataset: PairBatches, sampler: EpochBatches, num_workers: int = 0,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over whole batches; workers reopen the memmaps in their own process."""
+    workers = 0 if dataset.on_device else num_workers
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=sampler, num_workers=workers,
+        pin_memory=pin_memory and not dataset.on_device, persistent_workers=workers > 0)

@@ -25,7 +25,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -95,8 +95,10 @@ class CacheAttrs:
             if f.name not in attrs:
                 continue
             value = attrs[f.name]
-            if f.name in ("grid", "resolution", "preprocessing", "extra"):
-                value = json.loads(value)
+            if isinstance(value, bytes):
+                value = value.decode()
+            if f.name in ("grid", "resolution", "preprocessing", "extra") and isinstance(value, str):
+                value = json.loads(value)  # JSON-encoded (None, tuples, dicts); ints are stored as is
                 if f.name == "grid" and value is not None:
                     value = tuple(value)
             elif isinstance(value, np.generic):
@@ -355,12 +357,12 @@ class _Cache:
                 self.complete = bool(f.attrs.get("complete", False))
                 self.rows_written = int(f.attrs.get("rows_written", 0))
                 self.schema_version = int(f.attrs.get("schema_version", 0))
+                if self.attrs.modality != self.modality:
+                    raise CacheMismatchError(f"{self.path}: a {self.attrs.modality} cache, expected "
+                                             f"a {self.modality} cache")
                 self._load_index(f)
         except OSError as exc:
             raise IncompleteCacheError(f"{self.path}: not a readable HDF5 file ({exc})") from exc
-        if self.attrs.modality != self.modality:
-            raise CacheMismatchError(f"{self.path}: a {self.attrs.modality} cache, expected a "
-                                     f"{self.modality} cache")
         if self.schema_version != SCHEMA_VERSION:
             raise CacheMismatchError(f"{self.path}: schema version {self.schema_version}, this tool "
                                      f"reads version {SCHEMA_VERSION}")
@@ -471,7 +473,9 @@ def open_cache(path: str | os.PathLike, allow_incomplete: bool = False) -> Image
     """Open an image or text cache, chosen by the file's ``modality`` attribute."""
     path = Path(path)
     if not path.exists():
-        raise InputError(f"{path}: cache file not found")
+        hint = (" (an unfinished extraction left a .partial file)"
+                if partial_path(path).exists() else "")
+        raise InputError(f"{path}: cache file not found{hint}")
     try:
         with h5py.File(path, "r") as f:
             modality = f.attrs.get("modality")
@@ -480,6 +484,101 @@ def open_cache(path: str | os.PathLike, allow_incomplete: bool = False) -> Image
     if modality not in _READERS:
         raise IncompleteCacheError(f"{path}: not a feature cache (no modality attribute)")
     return _READERS[modality](path, allow_incomplete=allow_incomplete)
+
+
+# ------------------------------------------------------------------------------------------ shards
+
+
+def _unsharded(attrs: CacheAttrs) -> CacheAttrs:
+    """The attributes the whole (merged) file of a shard has."""
+    return dataclasses.replace(attrs, num_items=attrs.total_items, shard_start=0, shard_stop=-1,
+                               total_items=-1)
+
+
+def is_shard(attrs: CacheAttrs) -> bool:
+    """Whether a file holds only a block of rows of a sharded extraction."""
+    return attrs.total_items >= 0
+
+
+def merge_shards(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike,
+                 overwrite: bool = False, chunk_rows: int = 256) -> Path:
+    """Join complete shard files (contiguous row blocks) into one normal cache file at ``out_path``.
+
+    The shards must come from the same extraction (identical identity attributes apart from their
+    row range) and cover every row exactly once; each problem raises an error naming the file. The
+    merged file is written like any cache (``.partial``, resumable, renamed at the end) and equals
+    the file an unsharded run writes. Returns the final path.
+    """
+    if not shard_paths:
+        raise InputError(f"{out_path}: no shard files to merge")
+    readers = [open_cache(p) for p in shard_paths]
+    for reader in readers:
+        if not is_shard(reader.attrs):
+            raise InputError(f"{reader.path}: not a shard (no total_items attribute)")
+    readers.sort(key=lambda r: r.attrs.shard_start)
+    whole = _unsharded(readers[0].attrs)
+    expected = 0
+    for reader in readers:
+        diff = _unsharded(reader.attrs).identity_diff(whole)
+        if diff:
+            raise CacheMismatchError(f"{reader.path}: shard of a different extraction than "
+                                     f"{readers[0].path} ({'; '.join(diff)})")
+        a = reader.attrs
+        if a.shard_start != expected:
+            problem = "overlaps the previous shard" if a.shard_start < expected else (
+                f"rows {expected}..{a.shard_start - 1} are in no shard")
+            raise InputError(f"{reader.path}: starts at row {a.shard_start}: {problem}")
+        if a.shard_stop - a.shard_start != a.num_items:
+            raise IncompleteCacheError(f"{reader.path}: holds {a.num_items} rows for the range "
+                                       f"{a.shard_start}..{a.shard_stop - 1}")
+        expected = a.shard_stop
+    if expected != whole.num_items:
+        raise InputError(f"{out_path}: the shards cover rows 0..{expected - 1} of "
+                         f"{whole.num_items}; rows {expected}..{whole.num_items - 1} are missing")
+    if whole.modality == "image":
+        _merge_images(readers, whole, Path(out_path), overwrite, chunk_rows)
+    else:
+        _merge_texts(readers, whole, Path(out_path), overwrite, chunk_rows)
+    return Path(out_path)
+
+
+def _shard_chunks(readers: Sequence[_Cache], done: int,
+                  chunk_rows: int) -> Iterator[tuple[Any, int, int]]:
+    """(reader, local start, local stop) blocks of the rows not yet written, in order."""
+    for reader in readers:
+        a = reader.attrs
+        start = max(done, a.shard_start) - a.shard_start
+        for lo in range(start, a.num_items, chunk_rows):
+            yield reader, lo, min(lo + chunk_rows, a.num_items)
+
+
+def _merge_images(readers: Sequence[ImageCache], whole: CacheAttrs, out: Path, overwrite: bool,
+                  chunk_rows: int) -> None:
+    ids = [i for r in readers for i in r.ids]
+    paths = [p for r in readers for p in r.paths]
+    boxes = readers[0].has_boxes
+    with ImageCacheWriter(out, whole, ids, paths, with_boxes=boxes, overwrite=overwrite) as writer:
+        for reader, lo, hi in _shard_chunks(readers, writer.rows_written, chunk_rows):
+            tokens, lengths = reader.read(np.arange(lo, hi))
+            extra = reader.read_boxes(np.arange(lo, hi)) if boxes else (None, None)
+            writer.append(tokens, lengths, *extra)
+        writer.finish()
+
+
+def _merge_texts(readers: Sequence[TextCache], whole: CacheAttrs, out: Path, overwrite: bool,
+                 chunk_rows: int) -> None:
+    input_ids = [r.input_ids(i) for r in readers for i in range(len(r))]
+    captions = [c for r in readers for c in r.captions]
+    image_index = np.concatenate([r.image_index for r in readers])
+    with TextCacheWriter(out, whole, input_ids, captions, image_index,
+                         overwrite=overwrite) as writer:
+        for reader, lo, hi in _shard_chunks(readers, writer.rows_written, chunk_rows):
+            flat = np.asarray(reader.tokens[reader.offsets[lo]:reader.offsets[hi]])
+            writer.append(np.split(flat, reader.offsets[lo + 1:hi] - reader.offsets[lo]))
+        writer.finish()
+
+
+# ------------------------------------------------------------------------------------------ describe
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
@@ -500,6 +599,9 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     except InputError as exc:
         report["problem"] = str(exc)
         return report
+    if is_shard(reader.attrs):
+        report["shard"] = (f"rows {reader.attrs.shard_start}..{reader.attrs.shard_stop - 1} of "
+                           f"{reader.attrs.total_items} (join the shards with `cli extract --merge`)")
     report["complete"] = reader.complete and reader.rows_written == reader.attrs.num_items
     report["rows_written"] = reader.rows_written
     if not report["complete"]:

@@ -1,0 +1,207 @@
+"""Stage-one commands: ``cli extract`` (and ``--merge``), ``cli import-precomp``, ``cli demo-data``."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cache.errors import InputError
+from extract import runner
+from extract.runner import FileReport, RunOptions, Shard
+
+
+def _splits(values: tuple[str, ...]) -> list[str]:
+    """``--split`` values: repeatable, each a comma-separated list; order kept, duplicates dropped."""
+    out: list[str] = []
+    for value in values:
+        for name in value.split(","):
+            name = name.strip()
+            if name and name not in out:
+                out.append(name)
+    if not out:
+        raise InputError("--split: no split named")
+    return out
+
+
+def _report(reports: list[FileReport], out: Path, dataset: str, shard: Shard,
+            settings: dict[str, Any], name: str = "extract-summary") -> None:
+    click.echo(runner.format_summary(reports))
+    path = runner.write_summary(reports, Path(out) / dataset, shard, settings, name)
+    click.echo(f"summary: {path}")
+
+
+@click.command()
+@click.option("--backbone", help="Image encoder (dinov2, vit, swin, efficientnet_lite0).")
+@click.option("--weights", help="Image weights: named offline id, local folder/file or hub id.")
+@click.option("--layer", type=int, default=-1, show_default=True,
+              help="Image encoder layer (-1 = final output).")
+@click.option("--resolution", type=int, help="Input resolution in pixels (default: the encoder's).")
+@click.option("--text-encoder", help="Text encoder (bert, minilm).")
+@click.option("--text-weights", help="Text weights: named offline id, local folder or hub id.")
+@click.option("--text-layer", type=int, default=-1, show_default=True,
+              help="Text encoder layer (-1 = last).")
+@click.option("--max-length", type=int, default=128, show_default=True,
+              help="Caption tokens kept, [CLS] and [SEP] included.")
+@click.option("--dataset", required=True, help="Dataset name (f30k, coco, f8k): the output folder.")
+@click.option("--data-path", type=click.Path(file_okay=False),
+              help="Folder of {split}_caps.txt, {split}_ids.txt and id_mapping.json.")
+@click.option("--images", type=click.Path(file_okay=False),
+              help="Root folder the id_mapping.json paths are relative to.")
+@click.option("--split", "split_args", multiple=True, default=("train,dev,test",),
+              show_default=True, help="Split(s): repeatable or comma-separated.")
+@click.option("--out", default="features", show_default=True, type=click.Path(file_okay=False),
+              help="Output root: <out>/<dataset>/<split>/<modality>-<tag>.h5.")
+@click.option("--tag", help="Image file tag (default: the backbone name).")
+@click.option("--text-tag", help="Text file tag (default: the text encoder name).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--workers", type=int, default=min(4, os.cpu_count() or 1), show_default=True,
+              help="DataLoader image decoding workers (0 = decode in the main process).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:index].")
+@click.option("--limit", type=int, help="Only the first N images of each split and their captions.")
+@click.option("--overwrite", is_flag=True, help="Replace complete files and discard partial ones.")
+@click.option("--skip-existing", is_flag=True,
+              help="Keep complete files written with the same settings (others still fail).")
+@click.option("--rank", type=int, help="This process's shard (default: $RANK under torchrun).")
+@click.option("--world-size", type=int, help="Number of shards (default: $WORLD_SIZE).")
+@click.option("--merge", is_flag=True,
+              help="Join the finished shard files of a sharded run into normal cache files.")
+def extract(backbone: str | None, weights: str | None, layer: int, resolution: int | None,
+            text_encoder: str | None, text_weights: str | None, text_layer: int, max_length: int,
+            dataset: str, data_path: str | None, images: str | None, split_args: tuple[str, ...],
+            out: str, tag: str | None, text_tag: str | None, batch_size: int, workers: int,
+            device: str, limit: int | None, overwrite: bool, skip_existing: bool,
+            rank: int | None,
+            world_size: int | None, merge: bool) -> None:
+    """Run frozen encoders once over a dataset and write their token features to HDF5 caches.
+
+    \b
+    cli extract --backbone efficientnet_lite0 --text-encoder minilm --dataset f8k \\
+        --data-path ../shared/data/f8k --images ../shared/data/flickr8k-images --split test
+    Sharded over several GPUs or machines: run the same command under torchrun (or with
+    --rank R --world-size W on each machine); every rank writes
+    <modality>-<tag>.shard-R-of-W.h5; then run the same command once more with --merge.
+    An interrupted run resumes when the same command is run again.
+    """
+    from extract.backbones import (create_image_encoder, create_text_encoder,
+                                   list_image_encoders, list_text_encoders)
+    from extract.datasets import load_split
+
+    splits = _splits(split_args)
+    if not backbone and not text_encoder:
+        raise InputError("name an image encoder (--backbone), a text encoder (--text-encoder) "
+                         "or both")
+    if backbone and backbone not in list_image_encoders():
+        raise InputError(f"unknown image encoder {backbone!r}; available: "
+                         f"{', '.join(list_image_encoders())}")
+    if text_encoder and text_encoder not in list_text_encoders():
+        raise InputError(f"unknown text encoder {text_encoder!r}; available: "
+                         f"{', '.join(list_text_encoders())}")
+    targets = [(modality, name, runner.output_path(out, dataset, split, modality, t or name), split)
+               for split in splits
+               for modality, name, t in (("image", backbone, tag), ("text", text_encoder, text_tag))
+               if name]
+    settings = {"backbone": backbone, "weights": weights, "layer": layer,
+                "resolution": resolution, "text_encoder": text_encoder,
+                "text_weights": text_weights, "text_layer": text_layer, "max_length": max_length,
+                "dataset": dataset, "data_path": data_path, "images": images, "splits": splits,
+                "batch_size": batch_size, "workers": workers, "device": device, "limit": limit,
+                "merge": merge}
+    if merge:
+        reports = [runner.merge_split_shards(path, overwrite) for _, _, path, _ in targets]
+        _report(reports, Path(out), dataset, Shard(), settings, "merge-summary")
+        return
+
+    shard = runner.shard_from_env(rank, world_size)
+    options = RunOptions(batch_size=batch_size, workers=workers,
+                         device=runner.resolve_device(device), overwrite=overwrite,
+                         skip_existing=skip_existing)
+    if data_path is None:
+        raise InputError("--data-path is required (the folder of {split}_caps.txt)")
+    if backbone and images is None:
+        raise InputError("--images is required with --backbone (the folder of the image files)")
+    indexes = {split: runner.limit_split(load_split(dataset, data_path, split,
+                                                    images if backbone else None), limit)
+               for split in splits}
+    image_encoder = (create_image_encoder(backbone, weights, layer, resolution)
+                     if backbone else None)
+    text_model = (create_text_encoder(text_encoder, text_weights, text_layer, max_length)
+                  if text_encoder else None)
+    reports = []
+    for modality, _, path, split in targets:
+        if modality == "image":
+            reports.append(runner.extract_images(indexes[split], image_encoder, path, options,
+                                                 shard))
+        else:
+            reports.append(runner.extract_texts(indexes[split], text_model, path, options, shard))
+        click.echo(f"wrote {reports[-1].path} ({reports[-1].rows} rows)", err=True)
+    _report(reports, Path(out), dataset, shard, settings)
+    if shard.sharded:
+        click.echo("shards written; when every rank has finished, join them with the same "
+                   "command plus --merge")
+
+
+@click.command("import-precomp")
+@click.option("--format", "fmt", type=click.Choice(["scan", "teran"]), default="scan",
+              show_default=True, help="scan: {split}_ims.npy; teran: one <id>.npz per image.")
+@click.option("--dataset", required=True, help="Dataset name (f30k, coco, f8k): the output folder.")
+@click.option("--data-path", required=True, type=click.Path(file_okay=False),
+              help="Folder of {split}_caps.txt and {split}_ids.txt (and {split}_ims.npy for scan).")
+@click.option("--split", "split_args", multiple=True, default=("train,dev,test",),
+              show_default=True, help="Split(s): repeatable or comma-separated.")
+@click.option("--features", type=click.Path(),
+              help="scan: the .npy file (default <data-path>/{split}_ims.npy; '{split}' is "
+                   "replaced); teran: the folder of <id>.npz files (required).")
+@click.option("--boxes", type=click.Path(file_okay=False),
+              help="teran: folder of <id>.npy boxes (needs --images for the image sizes).")
+@click.option("--images", type=click.Path(file_okay=False),
+              help="Image root (only to read image sizes for --boxes).")
+@click.option("--tag", default="butd", show_default=True, help="File tag: image-<tag>.h5.")
+@click.option("--out", default="features", show_default=True, type=click.Path(file_okay=False))
+@click.option("--limit", type=int, help="Only the first N images of each split.")
+@click.option("--overwrite", is_flag=True, help="Replace complete files and discard partial ones.")
+def import_precomp(fmt: str, dataset: str, data_path: str, split_args: tuple[str, ...],
+                   features: str | None, boxes: str | None, images: str | None, tag: str,
+                   out: str, limit: int | None, overwrite: bool) -> None:
+    """Import precomputed region features (SCAN .npy or TERAN .npz) as image caches.
+
+    The text side comes from `cli extract --text-encoder ...` over the same caption folder.
+    """
+    from extract.datasets import load_split
+    from extract.precomp import import_scan, import_teran
+
+    reports = []
+    for split in _splits(split_args):
+        path = runner.output_path(out, dataset, split, "image", tag)
+        caps = Path(data_path) / f"{split}_caps.txt"
+        if fmt == "scan":
+            npy = Path((features or str(Path(data_path) / "{split}_ims.npy")).replace("{split}",
+                                                                                    split))
+            index = load_split(dataset, data_path, split)
+            reports.append(import_scan(index, npy, caps, path, tag, overwrite, limit))
+        else:
+            if features is None:
+                raise InputError("--features is required with --format teran (the folder of "
+                                 "<id>.npz files)")
+            index = runner.limit_split(load_split(dataset, data_path, split,
+                                                  images if boxes else None), limit)
+            reports.append(import_teran(index, Path(features.replace("{split}", split)), path, tag,
+                                        Path(boxes) if boxes else None, overwrite))
+    settings = {"format": fmt, "dataset": dataset, "data_path": data_path, "features": features,
+                "boxes": boxes, "tag": tag, "limit": limit}
+    _report(reports, Path(out), dataset, Shard(), settings, "import-summary")
+
+
+@click.command("demo-data")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--count", type=int, default=1200, show_default=True, help="Number of images.")
+@click.option("--size", type=int, default=224, show_default=True, help="Image side in pixels.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo_data(directory: str, count: int, size: int, seed: int) -> None:
+    """Render a small learnable caption set (coloured shapes) in the Flickr30K layout."""
+    from extract.demo_data import generate_demo_data
+
+    sizes = generate_demo_data(directory, count, size, seed)
+    click.echo(f"{directory}: " + ", ".join(f"{split} {n} images" for split, n in sizes.items())
+               + " (5 captions each)")

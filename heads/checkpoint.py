@@ -1,0 +1,128 @@
+"""Checkpoints: atomic saves, validated loads, rebuilding a head and checking it against caches.
+
+A checkpoint is a dict saved with ``torch.save`` holding only tensors, numbers, strings, lists and
+dicts (it loads with ``weights_only=True``): the head (name, options, state), its FeatureSpecs and
+the identity of the caches it was trained on, the loss, optimiser and schedule states, the RNG
+states of every rank, the position (epoch, step), the best dev score and the resolved config.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cache.errors import CacheMismatchError, InputError
+from heads import build_head
+from heads.base import FeatureSpec, Head
+
+FORMAT_VERSION = 1
+FEATURE_FIELDS = ("encoder", "weights_id", "weights_hash", "dim", "layer", "prefix_tokens",
+                  "suffix_tokens", "grid", "resolution", "preprocessing")
+"""Cache attributes that must agree between the caches a head was trained on and any cache it
+reads later (dev, test, another split): what produced the features, not which rows."""
+REQUIRED = ("format", "head_name", "head_options", "image_spec", "text_spec", "features", "model",
+            "config", "epoch", "step")
+
+
+def feature_identity(cache: Any) -> dict[str, Any]:
+    """The ``FEATURE_FIELDS`` of a cache reader, as plain values."""
+    out = {}
+    for name in FEATURE_FIELDS:
+        value = getattr(cache.attrs, name)
+        out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def check_features(expected: dict[str, Any], cache: Any, reference: str) -> None:
+    """Raise CacheMismatchError naming ``cache.path`` when its features differ from ``expected``
+    (the identity of the caches described by ``reference``, e.g. a checkpoint or a train cache)."""
+    actual = feature_identity(cache)
+    diff = [f"{k} is {actual[k]!r}, expected {expected[k]!r}" for k in FEATURE_FIELDS
+            if k in expected and actual[k] != expected[k]]
+    if diff:
+        raise CacheMismatchError(f"{cache.path}: features differ from {reference} "
+                                 f"({'; '.join(diff)})")
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Write ``state`` to ``path`` atomically (a temporary file in the same folder, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and sanity-check a checkpoint; a missing or foreign file is an InputError."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch.load raises many kinds on a foreign file  # noqa: BLE001
+        raise InputError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]})") from exc
+    missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise InputError(f"{path}: not a checkpoint of this toolkit (missing {missing})")
+    if state["format"] != FORMAT_VERSION:
+        raise InputError(f"{path}: checkpoint format {state['format']}, this tool reads "
+                         f"{FORMAT_VERSION}")
+    state["path"] = str(path)
+    return state
+
+
+def head_from_checkpoint(state: dict[str, Any], image_cache: Any = None,
+                         text_cache: Any = None) -> Head:
+    """Rebuild the head of a checkpoint and load its weights (on the CPU).
+
+    With caches given, they are first checked against the caches the head was trained on, and the
+    head is built for their specs (so a test cache with another token count still fits)."""
+    source = state.get("path", "checkpoint")
+    specs = []
+    for side, cache in (("image", image_cache), ("text", text_cache)):
+        spec = FeatureSpec.from_dict(state[f"{side}_spec"])
+        if cache is not None:
+            check_features(state["features"][side], cache, f"the {side} cache of {source}")
+            spec = FeatureSpec.from_cache(cache)
+        specs.append(spec)
+    head = build_head(state["head_name"], specs[0], specs[1], **state["head_options"])
+    try:
+        head.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise InputError(f"{source}: the weights do not fit head {state['head_name']!r} "
+                         f"({str(exc).splitlines()[0]})") from exc
+    return head
+
+
+# ------------------------------------------------------------------------------------ RNG states
+
+
+def rng_state() -> dict[str, Any]:
+    """The RNG states of torch (CPU and CUDA), NumPy's global generator and ``random``."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` saved."""
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))

@@ -1,0 +1,158 @@
+"""Stage-two commands: ``cli train-head`` and ``cli eval``.
+
+The commands only parse options and print; the work is in ``heads.train`` (training),
+``heads.evaluate`` (scoring and metrics) and the helpers below (resolving configs, opening the
+caches of a checkpoint), which other commands and options reuse.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from cache.errors import InputError
+from cache.store import ImageCache, TextCache
+from heads.checkpoint import head_from_checkpoint, load_checkpoint
+from heads.config import cache_paths, flatten, load_config, parse_override
+
+# ----------------------------------------------------------------------------------- train-head
+
+
+def resolve_train_config(config_path: str | None, overrides: tuple[str, ...], head: str | None,
+                         out: Path, resume: bool) -> dict[str, Any]:
+    """The config of a new run (file + ``--head`` + ``--set``) or of a resumed one (the
+    checkpoint's config + ``--set``; a ``--config`` given with ``--resume`` must agree with it
+    except for the keys that ``--set`` changes)."""
+    if not resume:
+        if config_path is None:
+            raise InputError("--config FILE is required (or --resume to continue the run in --out)")
+        return load_config(config_path, overrides, head)
+    from heads.train import LAST
+    saved = load_checkpoint(out / LAST)["config"]
+    config = load_config(None, overrides, head, base=saved)
+    if config_path is not None:
+        changed = {".".join(parse_override(o)[0]) for o in overrides}
+        given = flatten(load_config(config_path, overrides, head))
+        ran = flatten(config)
+        diff = sorted(k for k in set(given) | set(ran)
+                      if given.get(k) != ran.get(k) and k not in changed)
+        if diff:
+            raise InputError(f"{config_path}: differs from the config of the run in {out} "
+                             f"({', '.join(diff[:5])}); change keys of a resumed run with --set")
+    return config
+
+
+@click.command("train-head")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="YAML run config (see configs/).")
+@click.option("--head", help="Head name (overrides head.name of the config).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key, e.g. --set optim.lr=1e-4 (repeatable).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run folder: best.pt, last.pt, log.jsonl, config.yaml.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--device", help="auto, cpu, cuda or cuda:N (overrides run.device).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train_head(config_path: str | None, head: str | None, overrides: tuple[str, ...], out: str,
+               resume: bool, device: str | None, no_progress: bool) -> None:
+    """Train a retrieval head on cached features; keep the best checkpoint by dev rsum.
+
+    \b
+    cli train-head --config configs/f8k_vse.yaml --out runs/f8k_vse
+    cli train-head --config configs/f8k_vse.yaml --head linear --set optim.epochs=5 --out runs/lin
+    torchrun --nproc-per-node 4 cli.py train-head --config configs/coco_vse.yaml --out runs/coco
+    """
+    from heads.train import NonFiniteLossError, train
+
+    if device is not None:
+        overrides = overrides + (f"run.device={device}",)
+    config = resolve_train_config(config_path, overrides, head, Path(out), resume)
+    try:
+        summary = train(config, out, resume=resume, show_progress=not no_progress)
+    except NonFiniteLossError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if summary.best_epoch >= 0:
+        click.echo(f"best dev rsum {summary.best_rsum:.2f} at epoch {summary.best_epoch}: "
+                   f"{Path(out) / 'best.pt'}")
+
+
+# ----------------------------------------------------------------------------------------- eval
+
+
+def open_eval_caches(state: dict[str, Any], split: str | None, images: str | None,
+                     texts: str | None) -> tuple[ImageCache, TextCache, str]:
+    """The caches to evaluate a checkpoint on: ``--images``/``--texts`` or the split's files under
+    the checkpoint's feature tree (default split: its config's test split)."""
+    config = state["config"]
+    split = split or config["data"]["test_split"]
+    default_images, default_texts = cache_paths(config, split)
+    return (ImageCache(images or default_images), TextCache(texts or default_texts), split)
+
+
+def format_table(metrics: dict[str, float], seconds: dict[str, float] | None = None) -> str:
+    """The recall table: R@1/5/10, medr, meanr per direction, rsum and the seconds per stage."""
+    lines = [f"{'':<14}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'medr':>7}{'meanr':>8}"]
+    for direction, label in (("i2t", "image->text"), ("t2i", "text->image")):
+        m = {k: metrics[f"{direction}_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr")}
+        lines.append(f"{label:<14}{m['r1']:>7.2f}{m['r5']:>7.2f}{m['r10']:>7.2f}"
+                     f"{m['medr']:>7.0f}{m['meanr']:>8.2f}")
+    lines.append(f"{'rsum':<14}{metrics['rsum']:>7.2f}")
+    if seconds:
+        lines.append("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
+    return "\n".join(lines)
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """Write the JSON report (folders created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+@click.command("eval")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
+              help="A checkpoint of train-head (RUN/best.pt).")
+@click.option("--split", help="Split under the checkpoint's feature tree (default: its test split).")
+@click.option("--images", type=click.Path(dir_okay=False), help="Image cache (instead of --split).")
+@click.option("--texts", type=click.Path(dir_okay=False), help="Text cache (instead of --split).")
+@click.option("--protocol", type=click.Choice(["full", "coco5k", "coco1k"]),
+              help="Evaluation protocol (default: the checkpoint's eval.protocol).")
+@click.option("--save-sims", type=click.Path(dir_okay=False),
+              help="Write the similarity matrices to this .npz file.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False),
+              help="Report file (default: eval-<split>.json beside the checkpoint).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=int, help="Encoding batch (default: the checkpoint's).")
+def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str | None,
+             protocol: str | None, save_sims: str | None, json_out: str | None, device: str,
+             batch_size: int | None) -> None:
+    """Evaluate a trained head: i2t / t2i R@1/5/10, median and mean rank, rsum.
+
+    \b
+    cli eval --checkpoint runs/f8k_vse/best.pt --split test
+    cli eval --checkpoint runs/coco_vse/best.pt --split testall --protocol coco1k
+    """
+    from heads.evaluate import evaluate as run_evaluation
+    from heads.train import resolve_device
+
+    state = load_checkpoint(checkpoint)
+    image_cache, text_cache, split = open_eval_caches(state, split, images, texts)
+    torch_device = resolve_device(device)
+    head = head_from_checkpoint(state, image_cache, text_cache).to(torch_device)
+    eval_cfg = state["config"]["eval"]
+    options = {k: eval_cfg[k] for k in ("image_block", "caption_block") if eval_cfg.get(k)}
+    result = run_evaluation(head, image_cache, text_cache,
+                            protocol=protocol or eval_cfg["protocol"], device=torch_device,
+                            batch_size=batch_size or eval_cfg["batch_size"], save_sims=save_sims,
+                            **options)
+    click.echo(f"{checkpoint} on {split} ({result['images']} images, {result['captions']} "
+               f"captions, protocol {result['protocol']})")
+    click.echo(format_table(result["metrics"], result["seconds"]))
+    report = {"checkpoint": str(checkpoint), "head": state["head_name"], "split": split,
+              "images_cache": str(image_cache.path), "texts_cache": str(text_cache.path),
+              "epoch": state["epoch"], **result}
+    out = Path(json_out) if json_out else Path(checkpoint).parent / f"eval-{split}.json"
+    write_report(out, report)
+    click.echo(f"report: {out}")

@@ -1,0 +1,329 @@
+"""YAML run configurations: a schema of known keys, ``base:`` inheritance and ``--set`` overrides.
+
+A config file is a mapping of sections (``data``, ``head``, ``loss``, ``optim``, ``eval``, ``run``);
+``base: other.yaml`` (relative to the file) names a config it extends: mappings merge key by key,
+any other value replaces the base's. Every key must exist in ``DEFAULTS`` (the schema, which also
+supplies the default values); ``head`` and ``loss`` accept the options of the chosen head/loss (read
+from their registries) and ``optim.lr_mult`` maps parameter-name prefixes to lr multipliers.
+
+``--set key.sub=value`` overrides one key after the files are merged; the value is parsed as YAML
+(``--set optim.milestones=[10,20]``). PyYAML reads ``5e-4`` (no dot) as a string; keys whose default
+is a float accept such strings as numbers.
+
+Feature caches live at ``<data.features>/<data.dataset>/<split>/<modality>-<tag>.h5`` with the tags
+``data.image`` / ``data.text``; relative paths are relative to the working directory.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from cache.errors import InputError
+from cache.store import default_cache_path
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {
+        "dataset": "f8k",             # folder under data.features
+        "features": "features",       # root of the cache tree
+        "image": None,                # image cache tag, e.g. efficientnet_lite0
+        "text": None,                 # text cache tag, e.g. minilm
+        "train_split": "train",
+        "dev_split": "dev",           # model selection (never test)
+        "test_split": "test",
+        "preload": "auto",            # none | ram | device | auto
+        "image_token_drop": 0.2,      # VSE∞ region drop; prefix tokens (CLS) never dropped
+        "text_token_drop": 0.1,       # feature-level substitute for word deletion; [CLS]/[SEP] kept
+        "num_workers": 0,             # DataLoader workers (each reopens the memmaps)
+    },
+    "head": {"name": None},           # + the head's constructor options
+    "loss": {"name": "hinge"},        # + the loss's options (heads.losses.loss_options)
+    "optim": {
+        "name": "adamw",              # adamw | adam
+        "lr": 5e-4,
+        "weight_decay": 1e-4,         # head parameters only (a loss temperature gets none)
+        "epochs": 25,
+        "batch_size": 128,            # global batch (split over DDP ranks)
+        "milestones": [15],           # epochs at which the lr is multiplied by gamma
+        "gamma": 0.1,
+        "warmup_steps": 0,            # linear warm-up of the lr over the first steps
+        "grad_clip": 2.0,             # global gradient norm; 0 = off
+        "lr_mult": {},                # parameter-name prefix -> lr multiplier (longest prefix wins)
+    },
+    "eval": {
+        "protocol": "full",           # full | coco5k | coco1k (dev during training, default of eval)
+        "batch_size": 256,            # encoding batch
+        "image_block": None,          # scoring block sizes (None: the evaluator's defaults)
+        "caption_block": None,
+    },
+    "run": {
+        "seed": 0,
+        "device": "auto",             # auto | cpu | cuda | cuda:N
+        "amp": True,                  # bf16 autocast on CUDA (CPU always runs fp32)
+        "log_every": 50,              # steps between progress-bar / log.jsonl loss updates
+        "tensorboard": True,          # when the tensorboard package is installed
+        "find_unused_parameters": True,  # DDP: heads may leave inference-only parameters unused
+        "ddp_gather": "auto",         # DDP: auto | encodings | inputs (heads.train.gather_mode)
+        "sync_batchnorm": True,       # DDP on CUDA: BatchNorm statistics over the global batch
+    },
+}
+OPEN_SECTIONS = ("head", "loss")      # options checked against the head / loss registries
+OPEN_MAPPINGS = (("optim", "lr_mult"),)
+PRELOAD = ("none", "ram", "device", "auto")
+PROTOCOLS = ("full", "coco5k", "coco1k")
+OPTIMIZERS = ("adamw", "adam")
+DDP_GATHER = ("auto", "encodings", "inputs")
+
+
+def default_config() -> dict[str, Any]:
+    """A fresh copy of the defaults."""
+    return copy.deepcopy(DEFAULTS)
+
+
+# ----------------------------------------------------------------------------------------- files
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise InputError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _check_keys(data: dict[str, Any], source: str) -> None:
+    """Every key of a file or override must be in the schema (open sections aside)."""
+    for section, values in data.items():
+        if section not in DEFAULTS:
+            raise InputError(f"{source}: unknown config section {section!r}; known: "
+                             f"{', '.join(DEFAULTS)}")
+        if not isinstance(values, dict):
+            raise InputError(f"{source}: section {section!r} must be a mapping")
+        if section in OPEN_SECTIONS:
+            continue
+        for key, value in values.items():
+            if key not in DEFAULTS[section]:
+                raise InputError(f"{source}: unknown config key '{section}.{key}'; known keys of "
+                                 f"{section}: {', '.join(DEFAULTS[section])}")
+            if (section, key) in OPEN_MAPPINGS and value is not None and not isinstance(value, dict):
+                raise InputError(f"{source}: '{section}.{key}' must be a mapping")
+
+
+def load_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file merged over its ``base:`` chain (keys checked per file, defaults not added)."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise InputError(f"{path}: circular 'base:' chain")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    _check_keys(data, str(path))
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise InputError(f"{path}: 'base' must be a file name")
+    return _merge(load_file(path.parent / base, _seen + (path.resolve(),)), data)
+
+
+# ------------------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str, source: str = "--set") -> tuple[list[str], Any]:
+    """``"optim.lr=1e-3"`` -> (["optim", "lr"], value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    parts = [p for p in key.strip().split(".")]
+    if not sep or len(parts) < 2 or not all(parts):
+        raise InputError(f"{source} {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise InputError(f"{source} {text!r}: the value is not valid YAML ({exc})") from exc
+    return parts, value
+
+
+def apply_overrides(config: dict[str, Any], overrides: Iterable[str],
+                    source: str = "") -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings to a config (a copy); unknown keys are InputErrors."""
+    config = copy.deepcopy(config)
+    where = f" (config {source})" if source else ""
+    for text in overrides:
+        parts, value = parse_override(text)
+        nested: Any = value
+        for part in reversed(parts[1:]):
+            nested = {part: nested}
+        try:
+            _check_keys({parts[0]: nested}, f"--set {text}")
+        except InputError as exc:
+            raise InputError(f"{exc}{where}") from None
+        if len(parts) > 2 and not ((parts[0], parts[1]) in OPEN_MAPPINGS or parts[0] in OPEN_SECTIONS):
+            raise InputError(f"--set {text}: '{parts[0]}.{parts[1]}' has no sub-keys{where}")
+        target = config.setdefault(parts[0], {})
+        for part in parts[1:-1]:
+            if not isinstance(target.get(part), dict):
+                target[part] = {}
+            target = target[part]
+        target[parts[-1]] = value
+    return config
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the type of its default (None = anything)."""
+    def bad(kind: str) -> InputError:
+        return InputError(f"{source}: '{key}' must be {kind}, got {value!r}")
+
+    if default is None or value is None and isinstance(default, (list, dict)):
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+    elif isinstance(default, float):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad("a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        value = float(value)
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise bad("a string")
+    elif isinstance(default, list):
+        if not isinstance(value, list):
+            raise bad("a list")
+    elif isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+    return value
+
+
+def _coerce_option(value: Any, default: Any, key: str, source: str) -> Any:
+    """Lenient check of a head/loss option (their constructors validate meaning): None is always
+    allowed (Optional options), numbers written as strings become floats where the default is a
+    float, and a flag must be true or false."""
+    if value is None or default is None or default is inspect.Parameter.empty:
+        return value
+    if isinstance(default, bool) or isinstance(default, float) and isinstance(value, str):
+        return _coerce(value, default, key, source)
+    return value
+
+
+def _options(section: str, name: Any, source: str) -> dict[str, Any]:
+    if not isinstance(name, str) or not name:
+        raise InputError(f"{source}: '{section}.name' is missing (pass --{section} NAME or set it)"
+                         if section == "head" else f"{source}: '{section}.name' is missing")
+    if section == "head":
+        from heads import head_options
+        return head_options(name)
+    from heads.losses import loss_options
+    return loss_options(name)
+
+
+def _check_choice(config: dict[str, Any], section: str, key: str, choices: tuple[str, ...],
+                  source: str) -> None:
+    if config[section][key] not in choices:
+        raise InputError(f"{source}: '{section}.{key}' must be one of {', '.join(choices)}, got "
+                         f"{config[section][key]!r}")
+
+
+def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Fill defaults, check types and choices, check head/loss options against their registries."""
+    _check_keys(config, source)
+    out = _merge(DEFAULTS, config)
+    for section, defaults in DEFAULTS.items():
+        if section in OPEN_SECTIONS:
+            continue
+        for key, default in defaults.items():
+            out[section][key] = _coerce(out[section][key], default, f"{section}.{key}", source)
+    for prefix, mult in (out["optim"]["lr_mult"] or {}).items():
+        out["optim"]["lr_mult"][prefix] = _coerce(mult, 1.0, f"optim.lr_mult.{prefix}", source)
+    for section in OPEN_SECTIONS:
+        known = _options(section, out[section].get("name"), source)
+        for key, value in out[section].items():
+            if key == "name":
+                continue
+            if key not in known:
+                raise InputError(f"{source}: {section} {out[section]['name']!r} has no option "
+                                 f"'{section}.{key}'; it accepts: {', '.join(sorted(known)) or 'none'}")
+            out[section][key] = _coerce_option(value, known[key], f"{section}.{key}", source)
+    _check_choice(out, "data", "preload", PRELOAD, source)
+    _check_choice(out, "eval", "protocol", PROTOCOLS, source)
+    _check_choice(out, "optim", "name", OPTIMIZERS, source)
+    _check_choice(out, "run", "ddp_gather", DDP_GATHER, source)
+    for key in ("image_token_drop", "text_token_drop"):
+        if not 0.0 <= out["data"][key] < 1.0:
+            raise InputError(f"{source}: 'data.{key}' must be in [0, 1), got {out['data'][key]}")
+    for key in ("epochs", "batch_size"):
+        if out["optim"][key] < 1:
+            raise InputError(f"{source}: 'optim.{key}' must be at least 1")
+    if not all(isinstance(m, int) and not isinstance(m, bool) for m in out["optim"]["milestones"]):
+        raise InputError(f"{source}: 'optim.milestones' must be a list of epochs (integers)")
+    for key in ("image", "text"):
+        if not out["data"][key]:
+            raise InputError(f"{source}: 'data.{key}' (the {key} cache tag) is not set")
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
+                head: str | None = None, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Resolve a run config: ``base`` (e.g. a checkpoint's config) or the defaults, the file with
+    its ``base:`` chain, ``--head`` and the ``--set`` overrides; validated, defaults filled in."""
+    source = str(path) if path is not None else "config"
+    config = copy.deepcopy(base) if base is not None else {}
+    if path is not None:
+        config = _merge(config, load_file(path))
+    if head is not None:
+        if config.get("head", {}).get("name") not in (None, head):
+            # options of another head do not carry over
+            config["head"] = {"name": head}
+        config.setdefault("head", {})["name"] = head
+    config = apply_overrides(config, overrides, source)
+    return validate(config, source)
+
+
+def save_config(config: dict[str, Any], path: str | Path) -> None:
+    """Write a resolved config as YAML (readable back with ``load_config``)."""
+    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def cache_paths(config: dict[str, Any], split: str) -> tuple[Path, Path]:
+    """(image cache, text cache) paths of a split under the config's feature tree."""
+    d = config["data"]
+    return (default_cache_path(d["features"], d["dataset"], split, "image", d["image"]),
+            default_cache_path(d["features"], d["dataset"], split, "text", d["text"]))
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim.lr": 5e-4, ...}``: dotted keys of a nested config (for diffs)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

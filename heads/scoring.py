@@ -1,0 +1,137 @@
+"""The scoring engine: encode every cached item once, then fill a similarity matrix block by block.
+
+Embedding branches are scored by one matrix product (in row chunks when the matrix is huge);
+interaction branches by ``head.score`` on a block of images x a block of captions, vectorised inside
+the block, never a Python loop per caption. Encodings stay on the device; each block of columns is
+copied to the host once. On CUDA everything runs under bf16 autocast.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from cache.batch import TokenBatch
+from cache.datasets import token_batches
+from cache.errors import InputError
+from cache.store import ImageCache, TextCache
+from heads.base import Encoded, Head, cat_encoded, index_encoded, map_encoded, num_items
+
+DEFAULT_IMAGE_BLOCK = 1000
+DEFAULT_CAPTION_BLOCK = 16
+DEFAULT_PAIR_BATCH = 4096
+EMBEDDING_CHUNK_ELEMENTS = 1 << 26  # one embedding product writes at most this many scores (256 MB)
+
+
+@contextlib.contextmanager
+def inference(head: Head, device: torch.device) -> Iterator[None]:
+    """Eval mode (restored afterwards), no autograd, bf16 autocast on CUDA."""
+    was_training = head.training
+    head.eval()
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    try:
+        with torch.inference_mode(), autocast:
+            yield
+    finally:
+        head.train(was_training)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work (for honest timings)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def encode_cache(head: Head, cache: ImageCache | TextCache, device: torch.device | str,
+                 batch_size: int = 256, progress: bool = False) -> Encoded:
+    """Encode every row of an image or text cache once, in order; the result stays on ``device``.
+
+    The fp16 cached tokens are moved to the device as stored and cast to float32 there.
+    """
+    device = torch.device(device)
+    if len(cache) == 0:
+        raise InputError(f"{cache.path}: the cache has no rows to evaluate")
+    encode = head.encode_images if cache.attrs.modality == "image" else head.encode_texts
+    head.to(device)
+    parts: list[Encoded] = []
+    batches = token_batches(cache, batch_size)
+    with inference(head, device):
+        for _, batch in tqdm(batches, total=-(-len(cache) // batch_size), disable=not progress,
+                             desc=f"encode {cache.attrs.modality}s", leave=False):
+            batch = batch.to(device)
+            parts.append(encode(TokenBatch(batch.tokens.float(), batch.mask)))
+    return cat_encoded(parts)
+
+
+def similarity_matrix(head: Head, img_enc: Encoded, txt_enc: Encoded, device: torch.device | str,
+                      image_block: int = DEFAULT_IMAGE_BLOCK,
+                      caption_block: int = DEFAULT_CAPTION_BLOCK,
+                      progress: bool = False) -> Tensor:
+    """Scores ``[N_img, N_cap]`` (float32, CPU) of every image against every caption, with the
+    head's active branch (``head.score_kind``).
+
+    "embedding": one product ``head.score(images, all captions)`` per chunk of image rows (a single
+    product unless the matrix exceeds ``EMBEDDING_CHUNK_ELEMENTS``; the block sizes are ignored).
+    "interaction": ``head.score`` on ``image_block`` images x ``caption_block`` captions at a time;
+    the block sizes bound the memory of one call and do not change the result.
+    """
+    device = torch.device(device)
+    n_img, n_cap = num_items(img_enc), num_items(txt_enc)
+    if image_block < 1 or caption_block < 1:
+        raise InputError(f"block sizes must be positive, got image_block={image_block}, "
+                         f"caption_block={caption_block}")
+    if head.score_kind == "embedding":
+        image_block, caption_block = max(1, EMBEDDING_CHUNK_ELEMENTS // max(1, n_cap)), n_cap
+    out = torch.empty(n_img, n_cap, dtype=torch.float32)
+    image_starts = range(0, n_img, image_block)
+    caption_starts = range(0, n_cap, caption_block)
+    head.to(device)
+    bar = tqdm(total=len(image_starts) * len(caption_starts), disable=not progress,
+               desc=f"score ({head.score_kind})", leave=False)
+    with inference(head, device), bar:
+        for c0 in caption_starts:
+            texts = _on(index_encoded(txt_enc, slice(c0, c0 + caption_block)), device)
+            column = torch.empty(n_img, num_items(texts), dtype=torch.float32, device=device)
+            for i0 in image_starts:
+                images = _on(index_encoded(img_enc, slice(i0, i0 + image_block)), device)
+                column[i0:i0 + image_block] = head.score(images, texts).float()
+                bar.update()
+            out[:, c0:c0 + caption_block] = column.cpu()
+    return out
+
+
+def score_pairs(head: Head, img_enc: Encoded, txt_enc: Encoded, image_rows: Tensor,
+                caption_rows: Tensor, device: torch.device | str,
+                pair_batch: int = DEFAULT_PAIR_BATCH, progress: bool = False) -> Tensor:
+    """Scores ``[P]`` (float32, CPU) of the pairs (image_rows[p], caption_rows[p]) with the head's
+    active branch, ``pair_batch`` aligned pairs per ``head.score_pairs`` call.
+
+    The row indices go to the device once; each batch gathers its encodings there.
+    """
+    device = torch.device(device)
+    if pair_batch < 1:
+        raise InputError(f"pair batch must be positive, got {pair_batch}")
+    image_rows, caption_rows = image_rows.to(device), caption_rows.to(device)
+    out = torch.empty(image_rows.numel(), dtype=torch.float32, device=device)
+    head.to(device)
+    starts = range(0, image_rows.numel(), pair_batch)
+    with inference(head, device):
+        for p0 in tqdm(starts, disable=not progress, desc="score pairs", leave=False):
+            rows = slice(p0, p0 + pair_batch)
+            images = index_encoded(img_enc, image_rows[rows].to(_device_of(img_enc)))
+            texts = index_encoded(txt_enc, caption_rows[rows].to(_device_of(txt_enc)))
+            out[rows] = head.score_pairs(_on(images, device), _on(texts, device)).float()
+    return out.cpu()
+
+
+def _device_of(enc: Encoded) -> torch.device:
+    return next(iter(enc.values())).device
+
+
+def _on(enc: Encoded, device: torch.device) -> Encoded:
+    """The encoding on ``device`` (no copy for tensors already there)."""
+    return map_encoded(enc, lambda t: t.to(device, non_blocking=True))

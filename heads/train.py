@@ -1,0 +1,594 @@
+"""Training a head from cached features: optimiser groups, schedule, checkpoints, resume, DDP.
+
+``train(config, out_dir)`` runs a resolved config (``heads.config.load_config``):
+
+* caption-indexed batches from the train caches (``cache.datasets``), feature-level token drop;
+* AdamW (or Adam) with parameter groups whose lr is multiplied per parameter-name prefix
+  (``optim.lr_mult``), step decay by ``gamma`` at the ``milestones`` (epochs, 0-based) and an
+  optional linear warm-up over the first ``warmup_steps`` steps; gradient-norm clipping;
+* bf16 autocast on CUDA, fp32 on the CPU; no host synchronisation per step (the loss is summed on
+  the device and read every ``run.log_every`` steps, where a NaN/Inf loss stops the run naming the
+  first bad step);
+* dev evaluation after every epoch (``heads.evaluate.evaluate``; dev split, never test); the best
+  dev rsum is kept as ``best.pt``, the last epoch as ``last.pt`` (atomic writes), ``log.jsonl``
+  gets a record per epoch and every ``log_every`` steps, tensorboard when it is installed;
+* ``resume=True`` continues from ``last.pt`` with the exact state (model, optimiser, schedule,
+  loss, RNGs of every rank), so the next epoch equals the one of an uninterrupted run;
+* under ``torchrun`` (``WORLD_SIZE > 1``): DistributedDataParallel; ``optim.batch_size`` is the
+  global batch, each rank takes a slice of it, and the loss sees the whole global batch (see
+  ``gather_mode``), so the averaged gradient equals the one-process gradient of that batch.
+  BatchNorm layers become SyncBatchNorm on CUDA (``run.sync_batchnorm``); on the CPU (gloo) each
+  rank normalises with its own slice's statistics. Dev evaluation and checkpoints run on rank 0.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from cache.batch import TokenBatch
+from cache.datasets import EpochBatches, PairBatches, check_pair_caches, pair_loader, resolve_preload
+from cache.errors import InputError
+from cache.store import ImageCache, TextCache
+from heads import build_head
+from heads.base import Encoded, FeatureSpec, Head, Progress
+from heads.checkpoint import (FORMAT_VERSION, check_features, feature_identity, load_checkpoint,
+                              rng_state, save_checkpoint, set_rng_state)
+from heads.config import cache_paths, save_config
+from heads.losses import build_loss
+
+LAST, BEST, LOG, CONFIG = "last.pt", "best.pt", "log.jsonl", "config.yaml"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or Inf."""
+
+
+# ------------------------------------------------------------------------------------ processes
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process runs: its rank among ``world_size`` processes and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> the local GPU when there is one, else the CPU."""
+    if name == "auto":
+        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    elif name == "cuda":
+        name = f"cuda:{local_rank}"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"run.device is {name!r} but no CUDA device is available")
+    return device
+
+
+def init_distributed(device_name: str) -> Dist:
+    """Join the torchrun process group when ``WORLD_SIZE > 1`` (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if world <= 1:
+        return Dist(device=device)
+    owns = not dist.is_initialized()
+    if owns:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), device, owns)
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather along dim 0 (equal sizes on every rank) whose backward sums the gradient over
+    the ranks and returns this rank's slice (every rank computes the loss of the whole batch)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def all_gather_tensor(tensor: Tensor) -> Tensor:
+    """Concatenate every rank's ``tensor`` along dim 0; differentiable for float tensors. Dim 1
+    (token sets of different lengths) is zero/False-padded to the longest rank's."""
+    if tensor.dim() >= 2:
+        width = torch.tensor([tensor.shape[1]], device=tensor.device)
+        dist.all_reduce(width, op=dist.ReduceOp.MAX)
+        extra = int(width) - tensor.shape[1]
+        if extra:
+            tensor = nn.functional.pad(tensor, [0, 0] * (tensor.dim() - 2) + [0, extra])
+    if tensor.is_floating_point():
+        return _AllGather.apply(tensor)
+    moved = tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor
+    parts = [torch.empty_like(moved) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, moved.contiguous())
+    return torch.cat(parts).to(tensor.dtype)
+
+
+def all_gather_encoded(enc: Encoded) -> Encoded:
+    """An encoding of the global batch from every rank's local encoding."""
+    return {key: all_gather_tensor(value) for key, value in enc.items()}
+
+
+@contextlib.contextmanager
+def gathered_encodings(head: Head) -> Iterator[None]:
+    """Within the block, ``head.encode_images`` / ``encode_texts`` return the encodings of the global
+    batch (this rank's rows keep their gradient). A head's ``training_loss`` must therefore derive
+    every batch-wide quantity from these encodings (all heads of this toolkit do)."""
+    encode_images, encode_texts = head.encode_images, head.encode_texts
+    head.encode_images = lambda batch: all_gather_encoded(encode_images(batch))  # type: ignore[method-assign]
+    head.encode_texts = lambda batch: all_gather_encoded(encode_texts(batch))  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del head.encode_images, head.encode_texts
+
+
+def all_gather_batch(batch: TokenBatch) -> TokenBatch:
+    """The token batch of the global batch (no gradient: cached inputs)."""
+    return TokenBatch(all_gather_tensor(batch.tokens), all_gather_tensor(batch.mask))
+
+
+GATHER_MODES = ("auto", "encodings", "inputs")
+
+
+def gather_mode(head: Head, mode: str) -> str:
+    """How a DDP step lets the loss see the global batch.
+
+    "encodings": each rank encodes its own rows and the encodings are all-gathered with gradient
+    (the head's compute is split over the ranks); valid when ``training_loss`` derives every
+    batch-wide quantity from ``encode_images`` / ``encode_texts``. "inputs": the cached token batches
+    are all-gathered and every rank computes the loss of the global batch (valid for any head, the
+    head's compute is not split). "auto": "encodings" for heads that keep the base
+    ``training_loss`` or declare ``loss_from_encodings = True``, otherwise "inputs"."""
+    if mode not in GATHER_MODES:
+        raise InputError(f"run.ddp_gather must be one of {GATHER_MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    default = type(head).training_loss is Head.training_loss
+    return "encodings" if getattr(type(head), "loss_from_encodings", default) else "inputs"
+
+
+class LossModule(nn.Module):
+    """The module DDP wraps: the head and the loss (whose temperature may be learnable);
+    ``forward`` returns the head's ``training_loss`` of the global batch (see ``gather_mode``)."""
+
+    def __init__(self, head: Head, criterion: nn.Module, world_size: int = 1,
+                 gather: str = "encodings") -> None:
+        super().__init__()
+        self.head, self.criterion = head, criterion
+        self.world_size, self.gather = world_size, gather
+
+    def forward(self, images: TokenBatch, texts: TokenBatch, image_ids: Tensor,
+                progress: Progress) -> tuple[Tensor, dict[str, Any]]:
+        if self.world_size == 1:
+            return self.head.training_loss(images, texts, image_ids, self.criterion, progress)
+        image_ids = all_gather_tensor(image_ids)
+        if self.gather == "inputs":
+            return self.head.training_loss(all_gather_batch(images), all_gather_batch(texts),
+                                           image_ids, self.criterion, progress)
+        with gathered_encodings(self.head):
+            return self.head.training_loss(images, texts, image_ids, self.criterion, progress)
+
+
+# ------------------------------------------------------------------------------------- optimiser
+
+
+def param_groups(head: nn.Module, criterion: nn.Module, lr: float, weight_decay: float,
+                 lr_mult: dict[str, float]) -> list[dict[str, Any]]:
+    """Parameter groups: the lr of a parameter is ``lr`` times the multiplier of the longest
+    ``lr_mult`` prefix of its name (head parameters by name, the loss's as ``loss.<name>``); loss
+    parameters (a temperature) get no weight decay. A prefix that matches nothing is an error."""
+    named = [(n, p, weight_decay) for n, p in head.named_parameters() if p.requires_grad]
+    named += [(f"loss.{n}", p, 0.0) for n, p in criterion.named_parameters() if p.requires_grad]
+    used: set[str] = set()
+    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    for name, param, decay in named:
+        matches = [prefix for prefix in lr_mult if name == prefix or name.startswith(prefix.rstrip(".") + ".")]
+        prefix = max(matches, key=len) if matches else None
+        mult = lr_mult[prefix] if prefix is not None else 1.0
+        if prefix is not None:
+            used.add(prefix)
+        group = groups.setdefault((mult, decay), {"params": [], "names": [], "lr": lr * mult,
+                                                  "lr_mult": mult, "weight_decay": decay})
+        group["params"].append(param)
+        group["names"].append(name)
+    unused = sorted(set(lr_mult) - used)
+    if unused:
+        modules = sorted({n.split(".")[0] for n, _, _ in named if "." in n} |
+                         {f"loss.{n.split('.')[0]}" for n, _ in criterion.named_parameters()})
+        raise InputError(f"optim.lr_mult: prefix(es) {unused} match no parameter; top-level "
+                         f"modules: {', '.join(modules)}")
+    return list(groups.values())
+
+
+def lr_factor(step: int, steps_per_epoch: int, milestones: list[int], gamma: float,
+              warmup_steps: int) -> float:
+    """Multiplier of the base lr at optimisation ``step``: linear warm-up, then step decay."""
+    epoch = step // max(1, steps_per_epoch)
+    decay = gamma ** sum(epoch >= m for m in milestones)
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    return decay * warm
+
+
+def make_optimizer(groups: list[dict[str, Any]], optim: dict[str, Any]) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay) or Adam (L2 in the gradient) over the groups."""
+    kind = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[optim["name"]]
+    return kind([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=optim["lr"])
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def open_split(config: dict[str, Any], split: str) -> tuple[ImageCache, TextCache]:
+    """The image and text caches of a split, checked to belong together."""
+    image_path, text_path = cache_paths(config, split)
+    images, texts = ImageCache(image_path), TextCache(text_path)
+    check_pair_caches(images, texts)
+    return images, texts
+
+
+def _note(message: str, dist_info: Dist) -> None:
+    if dist_info.is_main:
+        tqdm.write(message)
+
+
+# ------------------------------------------------------------------------------------- dev eval
+
+
+def evaluate_split(head: Head, images: ImageCache, texts: TextCache, eval_cfg: dict[str, Any],
+                   device: torch.device, protocol: str | None = None) -> dict[str, Any]:
+    """Metrics of ``head`` on one split through ``heads.evaluate.evaluate`` (eval mode, no grad)."""
+    from heads.evaluate import evaluate
+
+    options = {k: eval_cfg[k] for k in ("batch_size", "image_block", "caption_block")
+               if eval_cfg.get(k) is not None}
+    return evaluate(head, images, texts, protocol=protocol or eval_cfg["protocol"], device=device,
+                    **options)
+
+
+# ------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class TrainSummary:
+    """What a finished run reports."""
+
+    out_dir: Path
+    epochs: int
+    steps: int
+    best_rsum: float
+    best_epoch: int
+    history: list[dict[str, Any]]
+
+
+class _Log:
+    """log.jsonl (main rank), tensorboard when installed."""
+
+    def __init__(self, out_dir: Path, keep_until_step: int | None, tensorboard: bool,
+                 active: bool) -> None:
+        self.path, self.active = out_dir / LOG, active
+        self.tb = None
+        if not active:
+            return
+        if keep_until_step is not None and self.path.exists():  # drop records after the checkpoint
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= keep_until_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif keep_until_step is None:
+            self.path.write_text("")
+        if tensorboard and importlib.util.find_spec("tensorboard") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record["step"]
+            if "loss" in record:
+                self.tb.add_scalar(f"{record['kind']}/loss", record["loss"], step)
+            self.tb.add_scalar("train/lr", record["lr"], step)
+            for key, value in record.get("dev", {}).items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"dev/{key}", value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Trainer:
+    """One training run; ``run()`` trains the remaining epochs. See the module docstring."""
+
+    def __init__(self, config: dict[str, Any], out_dir: str | Path, resume: bool = False,
+                 show_progress: bool = True) -> None:
+        self.config, self.out_dir, self.show_progress = config, Path(out_dir), show_progress
+        self.dist = init_distributed(config["run"]["device"])
+        last = self.out_dir / LAST
+        if not resume and last.exists():
+            raise InputError(f"{last}: a run already exists in {self.out_dir}; pass --resume to "
+                             "continue it or choose another --out")
+        state = load_checkpoint(last) if resume else None
+        self._open_caches(state)
+        _seed_everything(config["run"]["seed"])
+        self._build_model()
+        self._build_data()
+        self.epoch, self.step, self.best_rsum, self.best_epoch = 0, 0, -math.inf, -1
+        if self.dist.rank > 0:
+            torch.manual_seed(config["run"]["seed"] + self.dist.rank)  # own dropout noise per rank
+        if state is not None:
+            self._restore(state)
+        self.module = self._wrap()
+        amp = config["run"]["amp"] and self.dist.device.type == "cuda"
+        self.autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp)
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.out_dir / CONFIG)
+        self.log = _Log(self.out_dir, self.step if state is not None else None,
+                        config["run"]["tensorboard"], self.dist.is_main)
+
+    def _open_caches(self, state: dict[str, Any] | None) -> None:
+        """Train and dev caches, checked to hold the same features (and those of a resumed run)."""
+        data = self.config["data"]
+        self.train_images, self.train_texts = open_split(self.config, data["train_split"])
+        self.dev_images, self.dev_texts = open_split(self.config, data["dev_split"])
+        for side, train_cache, dev_cache in (("image", self.train_images, self.dev_images),
+                                             ("text", self.train_texts, self.dev_texts)):
+            check_features(feature_identity(train_cache), dev_cache,
+                           f"the train {side} cache {train_cache.path}")
+            if state is not None:
+                check_features(state["features"][side], train_cache,
+                               f"the checkpoint {self.out_dir / LAST}")
+
+    def _build_model(self) -> None:
+        """Head (checked against the caches' FeatureSpecs), loss, optimiser groups."""
+        config, optim = self.config, self.config["optim"]
+        self.head_options = {k: v for k, v in config["head"].items() if k != "name"}
+        self.head = build_head(config["head"]["name"], FeatureSpec.from_cache(self.train_images),
+                               FeatureSpec.from_cache(self.train_texts), **self.head_options)
+        self.criterion = build_loss(config["loss"]["name"],
+                                    **{k: v for k, v in config["loss"].items() if k != "name"})
+        self.head.to(self.dist.device)
+        self.criterion.to(self.dist.device)
+        groups = param_groups(self.head, self.criterion, optim["lr"], optim["weight_decay"],
+                              optim["lr_mult"] or {})
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = make_optimizer(groups, optim)
+
+    def _build_data(self) -> None:
+        """Pair dataset (token drop, preload), per-rank sampler, loader and the lr schedule."""
+        data, optim, seed = self.config["data"], self.config["optim"], self.config["run"]["seed"]
+        image_drop = data["image_token_drop"]
+        if image_drop > 0 and self.head.requires_grid:
+            _note(f"note: head {self.head.name!r} needs the full patch grid; image token drop "
+                  f"{image_drop} is turned off", self.dist)
+            image_drop = 0.0
+        preload, why = resolve_preload(data["preload"], self.train_images, self.train_texts,
+                                       self.dist.device)
+        _note(why, self.dist)
+        self.dataset = PairBatches(self.train_images, self.train_texts, seed=seed,
+                                   image_drop=image_drop, text_drop=data["text_token_drop"],
+                                   preload=preload, device=self.dist.device)
+        self.sampler = EpochBatches(len(self.train_texts), optim["batch_size"], seed,
+                                    self.dist.rank, self.dist.world_size)
+        self.loader = pair_loader(self.dataset, self.sampler, data["num_workers"],
+                                  pin_memory=self.dist.device.type == "cuda")
+        self.steps_per_epoch = len(self.sampler)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, self.steps_per_epoch, optim["milestones"],
+                                                   optim["gamma"], optim["warmup_steps"]))
+
+    def _wrap(self) -> nn.Module:
+        """The loss module, under DDP when there are several processes."""
+        run = self.config["run"]
+        module: nn.Module = LossModule(self.head, self.criterion, self.dist.world_size,
+                                       gather_mode(self.head, run["ddp_gather"]))
+        if self.dist.world_size == 1:
+            return module
+        cuda = self.dist.device.type == "cuda"
+        if cuda and run["sync_batchnorm"]:  # BatchNorm statistics of the global batch
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return nn.parallel.DistributedDataParallel(
+            module, device_ids=[self.dist.device] if cuda else None,
+            find_unused_parameters=run["find_unused_parameters"])
+
+    # -------------------------------------------------------------------------------- state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.head.load_state_dict(state["model"])
+        self.criterion.load_state_dict(state["criterion"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step = state["epoch"] + 1, state["step"]
+        self.best_rsum, self.best_epoch = state["best_rsum"], state["best_epoch"]
+        rngs = state["rng"]
+        set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
+
+    def _state(self, epoch: int, metrics: dict[str, Any], rngs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "head_name": self.head.name,
+            "head_options": self.head_options,
+            "image_spec": self.head.image_spec.to_dict(),
+            "text_spec": self.head.text_spec.to_dict(),
+            "features": {"image": feature_identity(self.train_images),
+                         "text": feature_identity(self.train_texts)},
+            "model": self.head.state_dict(),
+            "criterion": self.criterion.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rngs,
+            "epoch": epoch,
+            "step": self.step,
+            "best_rsum": self.best_rsum,
+            "best_epoch": self.best_epoch,
+            "dev": metrics,
+            "config": self.config,
+        }
+
+    def _all_rng_states(self) -> list[dict[str, Any]]:
+        state = rng_state()
+        if self.dist.world_size == 1:
+            return [state]
+        states: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    # -------------------------------------------------------------------------------- loop
+
+    def _check_finite(self, first_bad: Tensor, epoch: int) -> None:
+        bad = int(first_bad)
+        if bad >= 0:
+            raise NonFiniteLossError(
+                f"the training loss became NaN/Inf at epoch {epoch}, step {bad} (global step); "
+                f"the last good checkpoint is {self.out_dir / LAST}. Lower optim.lr, check "
+                "optim.grad_clip, or inspect the caches for extreme values")
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass over the captions; returns the mean loss and scalars of the epoch."""
+        self.head.train()
+        self.criterion.train()
+        self.sampler.set_epoch(epoch)
+        device, log_every = self.dist.device, self.config["run"]["log_every"]
+        loss_sum = torch.zeros((), device=device)
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        scalars: dict[str, Any] = {}
+        bar = tqdm(self.loader, total=self.steps_per_epoch, leave=False, dynamic_ncols=True,
+                   desc=f"epoch {epoch}", disable=not (self.show_progress and self.dist.is_main))
+        for i, (images, texts, image_ids) in enumerate(bar):
+            images = images.to(device, dtype=torch.float32)
+            texts = texts.to(device, dtype=torch.float32)
+            image_ids = image_ids.to(device, non_blocking=True)
+            progress = Progress(epoch, self.step, self.steps_per_epoch)
+            with self.autocast():
+                loss, extra = self.module(images, texts, image_ids, progress)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.config["optim"]["grad_clip"] > 0:
+                nn.utils.clip_grad_norm_(self.params, self.config["optim"]["grad_clip"])
+            self.optimizer.step()
+            self.scheduler.step()
+            loss = loss.detach().float()
+            loss_sum += loss
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss),
+                                    torch.full_like(first_bad, self.step), first_bad)
+            for key, value in extra.items():
+                scalars[key] = scalars.get(key, 0.0) + (value.detach() if isinstance(value, Tensor)
+                                                        else value)
+            self.step += 1
+            if (i + 1) % log_every == 0:
+                self._check_finite(first_bad, epoch)
+                mean = float(loss_sum) / (i + 1)
+                bar.set_postfix(loss=f"{mean:.4f}")
+                self.log.write({"kind": "step", "epoch": epoch, "step": self.step, "loss": mean,
+                                "lr": self.scheduler.get_last_lr()[0]})
+        self._check_finite(first_bad, epoch)
+        steps = max(1, self.steps_per_epoch)
+        return {"loss": float(loss_sum) / steps,
+                "scalars": {k: float(v) / steps for k, v in scalars.items()}}
+
+    def run(self) -> TrainSummary:
+        """Train from the current epoch to ``optim.epochs``; returns the summary."""
+        epochs = self.config["optim"]["epochs"]
+        history: list[dict[str, Any]] = []
+        try:
+            for epoch in range(self.epoch, epochs):
+                start = time.perf_counter()
+                lr = self.scheduler.get_last_lr()[0]
+                result = self.train_epoch(epoch)
+                train_seconds = time.perf_counter() - start
+                record = self._end_epoch(epoch, lr, result, train_seconds)
+                history.append(record)
+        finally:
+            self.log.close()
+        return TrainSummary(self.out_dir, epochs, self.step, self.best_rsum, self.best_epoch,
+                            history)
+
+    def _end_epoch(self, epoch: int, lr: float, result: dict[str, Any],
+                   train_seconds: float) -> dict[str, Any]:
+        """Dev evaluation (main rank), checkpoints and the epoch record."""
+        start = time.perf_counter()
+        metrics: dict[str, Any] = {}
+        if self.dist.is_main:
+            metrics = evaluate_split(self.head, self.dev_images, self.dev_texts,
+                                     self.config["eval"], self.dist.device)["metrics"]
+        eval_seconds = time.perf_counter() - start
+        rngs = self._all_rng_states()
+        record = {"kind": "epoch", "epoch": epoch, "step": self.step, "loss": result["loss"],
+                  "lr": lr, "dev": metrics, "scalars": result["scalars"],
+                  "seconds": {"train": train_seconds, "eval": eval_seconds}, "best": False}
+        if self.dist.is_main:
+            rsum = float(metrics["rsum"])
+            if rsum > self.best_rsum:
+                self.best_rsum, self.best_epoch, record["best"] = rsum, epoch, True
+            state = self._state(epoch, metrics, rngs)
+            save_checkpoint(state, self.out_dir / LAST)
+            if record["best"]:
+                save_checkpoint(state, self.out_dir / BEST)
+            self.log.write(record)
+            tqdm.write(f"epoch {epoch}: loss {result['loss']:.4f}  dev rsum {rsum:.2f}"
+                       f"{' (best)' if record['best'] else ''}  "
+                       f"[{train_seconds:.1f} s train, {eval_seconds:.1f} s eval]")
+        if self.dist.world_size > 1:
+            dist.barrier()
+        return record
+
+    def close(self) -> None:
+        """Leave the process group if this trainer joined it."""
+        if self.dist.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def train(config: dict[str, Any], out_dir: str | Path, resume: bool = False,
+          show_progress: bool = True) -> TrainSummary:
+    """Train the head of a resolved config into ``out_dir`` (see the module docstring)."""
+    trainer = Trainer(config, out_dir, resume=resume, show_progress=show_progress)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+__all__ = ["train", "Trainer", "TrainSummary", "NonFiniteLossError", "LossModule",
+           "all_gather_encoded", "gathered_encodings", "param_groups", "lr_factor", "open_split",
+           "evaluate_split", "gather_mode"]

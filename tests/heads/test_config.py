@@ -1,0 +1,110 @@
+"""Run configs: base inheritance, typed --set overrides, unknown keys, round trip."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cache.errors import InputError
+from heads.config import (DEFAULTS, apply_overrides, cache_paths, flatten, load_config,
+                          parse_override, save_config)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture()
+def config_file(tmp_path: Path) -> Path:
+    _write(tmp_path / "base.yaml", "data:\n  dataset: f8k\n  image: efficientnet_lite0\n"
+           "  text: minilm\noptim:\n  lr: 5e-4\n  milestones: [15]\n")
+    return _write(tmp_path / "run.yaml", "base: base.yaml\nhead:\n  name: linear\n  embed_dim: 256\n"
+                  "optim:\n  epochs: 3\n")
+
+
+def test_base_chain_defaults_and_typed_overrides(config_file: Path) -> None:
+    cfg = load_config(config_file, ["optim.lr=1e-3", "optim.milestones=[1, 2]",
+                                    "data.preload=ram", "head.use_prefix=false",
+                                    "optim.lr_mult.image_fc=0.1"])
+    assert cfg["optim"]["lr"] == 1e-3 and isinstance(cfg["optim"]["lr"], float)  # "1e-3" is a str in YAML
+    assert cfg["optim"]["milestones"] == [1, 2] and cfg["optim"]["epochs"] == 3
+    assert cfg["head"] == {"name": "linear", "embed_dim": 256, "use_prefix": False}
+    assert cfg["data"]["image"] == "efficientnet_lite0"              # from the base file
+    assert cfg["optim"]["gamma"] == DEFAULTS["optim"]["gamma"]       # from the schema
+    assert cfg["optim"]["lr_mult"] == {"image_fc": 0.1}
+    image, text = cache_paths(cfg, "dev")
+    assert image == Path("features/f8k/dev/image-efficientnet_lite0.h5")
+    assert text == Path("features/f8k/dev/text-minilm.h5")
+    assert load_config(config_file)["optim"]["lr"] == 5e-4
+
+
+def test_head_flag_replaces_the_head(config_file: Path) -> None:
+    assert load_config(config_file, head="linear")["head"]["embed_dim"] == 256
+    cfg = load_config(config_file, head="vse")     # the linear options do not carry over
+    assert cfg["head"] == {"name": "vse"}
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optim.lrr=0.1", "optim.lrr"),
+    ("trainer.epochs=3", "trainer"),
+    ("head.no_such_option=1", "head.no_such_option"),
+    ("loss.margin_typo=0.1", "loss.margin_typo"),
+    ("optim.epochs=ten", "optim.epochs"),
+    ("optim.lr=fast", "optim.lr"),
+    ("data.preload=gpu", "data.preload"),
+    ("run.amp=1", "run.amp"),
+    ("optim.lr.x=1", "optim.lr"),
+])
+def test_bad_overrides_name_the_key_and_the_file(config_file: Path, override: str,
+                                                 needle: str) -> None:
+    with pytest.raises(InputError) as err:
+        load_config(config_file, [override])
+    assert needle in str(err.value) and str(config_file) in str(err.value)
+
+
+def test_unknown_key_in_a_file_names_that_file(config_file: Path, tmp_path: Path) -> None:
+    _write(tmp_path / "base.yaml", "data:\n  image: x\n  text: y\n  token_dorp: 0.1\n")
+    with pytest.raises(InputError, match=r"base\.yaml.*data\.token_dorp"):
+        load_config(config_file)
+    _write(tmp_path / "base.yaml", "base: run.yaml\n")
+    with pytest.raises(InputError, match="circular"):
+        load_config(config_file)
+    with pytest.raises(InputError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    _write(tmp_path / "bad.yaml", "data: [1, 2\n")
+    with pytest.raises(InputError, match="bad.yaml"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_missing_essentials_are_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="head.name"):
+        load_config(_write(tmp_path / "a.yaml", "data:\n  image: x\n  text: y\n"))
+    with pytest.raises(InputError, match="data.image"):
+        load_config(_write(tmp_path / "b.yaml", "head:\n  name: linear\n"))
+
+
+def test_parse_override() -> None:
+    assert parse_override("optim.milestones=[3, 5]") == (["optim", "milestones"], [3, 5])
+    assert parse_override("data.image=dinov2_s14") == (["data", "image"], "dinov2_s14")
+    assert parse_override("loss.hardest_after_epochs=null") == (["loss", "hardest_after_epochs"], None)
+    for bad in ("optim.lr", "lr=1", "optim..lr=1"):
+        with pytest.raises(InputError):
+            parse_override(bad)
+    assert apply_overrides({}, ["optim.lr_mult.text_fc=0.1"]) == {"optim": {"lr_mult": {"text_fc": 0.1}}}
+
+
+def test_resolved_config_round_trips(config_file: Path, tmp_path: Path) -> None:
+    cfg = load_config(config_file, ["loss.name=infonce", "loss.temperature=0.05"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+    assert flatten(cfg)["loss.temperature"] == 0.05
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_resolve(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg["head"]["name"] and cfg["data"]["image"] and cfg["data"]["text"]
+    assert cfg["data"]["dev_split"] != cfg["data"]["test_split"]

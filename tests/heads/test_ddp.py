@@ -1,0 +1,126 @@
+"""DDP on the CPU: two gloo processes give the loss and gradient of one process on the global batch.
+
+One spawn of two processes runs every check (process start-up dominates the cost): the loss module
+in both gather modes on a fixed batch, and a whole ``train`` run compared with a one-process run.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from cache.batch import TokenBatch
+from heads import list_heads
+from heads.base import FeatureSpec, Progress
+from heads.checkpoint import load_checkpoint
+from heads.config import load_config
+from heads.linear import LinearHead
+from heads.losses import build_loss
+from heads.train import LossModule, train
+from tests.heads.synthetic_caches import one_thread  # noqa: F401 (autouse fixture)
+from tests.heads.synthetic_caches import config_overrides, write_dataset
+
+WORLD = 2
+IMAGE_IDS = [0, 0, 1, 2, 3, 3, 4, 5]       # two captions of image 0 and of image 3
+
+
+def _batch(n: int, width: int, dim: int, seed: int) -> TokenBatch:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, width + 1, (n,), generator=g)
+    mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+    return TokenBatch(torch.randn(n, width, dim, generator=g) * mask.unsqueeze(-1), mask)
+
+
+def _parts() -> tuple[LossModule, TokenBatch, TokenBatch, torch.Tensor]:
+    torch.manual_seed(0)
+    head = LinearHead(FeatureSpec("image", 6), FeatureSpec("text", 4), embed_dim=5)
+    criterion = build_loss("infonce", temperature=0.1)    # a learnable temperature: DDP syncs it
+    return (LossModule(head, criterion), _batch(8, 5, 6, 1), _batch(8, 7, 4, 2),
+            torch.tensor(IMAGE_IDS))
+
+
+def _loss_and_grads(module: torch.nn.Module, images: TokenBatch, texts: TokenBatch,
+                    ids: torch.Tensor) -> dict[str, Any]:
+    loss, _ = module(images, texts, ids, Progress(1, 10, 10))
+    loss.backward()
+    params = module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+    return {"loss": loss.detach(),
+            "grads": {n: p.grad.clone() for n, p in params.named_parameters()}}
+
+
+def _config(features: Path) -> dict[str, Any]:
+    return load_config(None, config_overrides(features, epochs=2, batch_size=40, lr=0.01,
+                                              milestones="[]")
+                       + ["loss.name=infonce", "head.embed_dim=16", "data.image_token_drop=0.2",
+                          "data.text_token_drop=0.2"])
+
+
+def _worker(rank: int, port: int, features: str, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update({"WORLD_SIZE": str(WORLD), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group("gloo")
+    results: dict[str, Any] = {}
+    rows = torch.arange(rank * 4, rank * 4 + 4)
+    for mode in ("encodings", "inputs"):
+        module, images, texts, ids = _parts()
+        module.world_size, module.gather = WORLD, mode
+        ddp = torch.nn.parallel.DistributedDataParallel(module)
+        results[mode] = _loss_and_grads(ddp, images.index(rows), texts.index(rows), ids[rows])
+    summary = train(_config(Path(features)), Path(out) / "ddp", show_progress=False)
+    results["history"] = summary.history
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[dict[str, Any]]]:
+    features = write_dataset(tmp_path_factory.mktemp("features"), train=40, dev=20, test=4)
+    out = tmp_path_factory.mktemp("runs")
+    importlib.import_module("heads.evaluate")   # imported once here, inherited by the children
+    list_heads()
+    # fork: the children inherit the imported modules (a spawn re-imports torch: ~10 s on a busy CPU)
+    mp.start_processes(_worker, args=(_free_port(), str(features), str(out)), nprocs=WORLD,
+                       join=True, start_method="fork")
+    return features, out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("mode", ["encodings", "inputs"])
+def test_two_processes_give_the_global_batch_loss_and_gradient(
+        runs: tuple[Path, Path, list[dict[str, Any]]], mode: str) -> None:
+    module, images, texts, ids = _parts()
+    single = _loss_and_grads(module, images, texts, ids)
+    for rank_result in runs[2]:
+        got = rank_result[mode]
+        assert torch.allclose(got["loss"], single["loss"], rtol=1e-5, atol=1e-6)
+        assert got["grads"].keys() == single["grads"].keys()
+        for name, grad in single["grads"].items():
+            assert torch.allclose(got["grads"][name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_a_ddp_run_equals_a_one_process_run(runs: tuple[Path, Path, list[dict[str, Any]]],
+                                            tmp_path: Path) -> None:
+    features, out, results = runs
+    single = train(_config(features), tmp_path / "single", show_progress=False)
+    ddp_history = results[0]["history"]
+    for a, b in zip(ddp_history, single.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["dev"]["rsum"] == pytest.approx(b["dev"]["rsum"], abs=1.0)
+    a = load_checkpoint(out / "ddp" / "last.pt")
+    b = load_checkpoint(tmp_path / "single" / "last.pt")
+    for name, value in b["model"].items():
+        assert torch.allclose(a["model"][name], value, rtol=1e-3, atol=1e-5), name
+    assert len(a["rng"]) == WORLD and a["step"] == b["step"]
