@@ -6,14 +6,17 @@ printed as one line and exit with status 2.
 """
 from __future__ import annotations
 
+import os
 import sys
 
-import click
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no weight-loading reports on stderr
 
-from cache.commands import info
-from cache.errors import InputError
-from extract.commands import demo_data, extract, import_precomp
-from heads.commands import evaluate, train_head
+import click  # noqa: E402
+
+from cache.commands import info  # noqa: E402
+from cache.errors import InputError  # noqa: E402
+from extract.commands import demo_data, extract, import_precomp  # noqa: E402
+from heads.commands import evaluate, train_head  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

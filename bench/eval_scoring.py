@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cache.batch import TokenBatch  # noqa: E402
 from heads import build_head, head_options, list_heads  # noqa: E402
 from heads.base import Encoded, FeatureSpec, Head, cat_encoded, index_encoded  # noqa: E402
-from heads.scoring import inference, similarity_matrix, synchronize  # noqa: E402
+from heads.scoring import (DEFAULT_CAPTION_BLOCK, DEFAULT_IMAGE_BLOCK, inference,  # noqa: E402
+                           similarity_matrix, synchronize)
 
 REFERENCE_SHARD = 256
 
@@ -81,10 +82,11 @@ def one_caption(txt_enc: Encoded, row: int) -> Encoded:
     """Caption ``row`` alone, trimmed to its valid length when the encoding has a ``mask`` (the
     reference loops slice ``captions[i, :n_word]``)."""
     enc = index_encoded(txt_enc, slice(row, row + 1))
-    if "mask" not in enc:
+    key = next((k for k in ("mask", "word_mask") if k in enc), None)   # word_mask: laps, caa
+    if key is None:
         return enc
-    width = enc["mask"].shape[1]
-    valid = int(enc["mask"].sum())
+    width = enc[key].shape[1]
+    valid = int(enc[key].sum())
     return {k: (v[:, :valid] if v.dim() >= 2 and v.shape[1] == width else v) for k, v in enc.items()}
 
 
@@ -139,8 +141,8 @@ def main() -> None:
     parser.add_argument("--embed-dim", type=int, default=256)
     parser.add_argument("--loop-captions", type=int, default=500,
                         help="captions the reference loop is timed on (extrapolated to all)")
-    parser.add_argument("--image-block", type=int, default=1000)
-    parser.add_argument("--caption-block", type=int, default=100)
+    parser.add_argument("--image-block", type=int, default=DEFAULT_IMAGE_BLOCK)
+    parser.add_argument("--caption-block", type=int, default=DEFAULT_CAPTION_BLOCK)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()

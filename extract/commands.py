@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch
 
 from cache.errors import InputError
 from extract import runner
@@ -59,6 +60,8 @@ def _report(reports: list[FileReport], out: Path, dataset: str, shard: Shard,
 @click.option("--workers", type=int, default=min(4, os.cpu_count() or 1), show_default=True,
               help="DataLoader image decoding workers (0 = decode in the main process).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:index].")
+@click.option("--threads", type=int,
+              help="Torch CPU threads of the main process (default: torch's, one per core).")
 @click.option("--limit", type=int, help="Only the first N images of each split and their captions.")
 @click.option("--overwrite", is_flag=True, help="Replace complete files and discard partial ones.")
 @click.option("--skip-existing", is_flag=True,
@@ -71,7 +74,8 @@ def extract(backbone: str | None, weights: str | None, layer: int, resolution: i
             text_encoder: str | None, text_weights: str | None, text_layer: int, max_length: int,
             dataset: str, data_path: str | None, images: str | None, split_args: tuple[str, ...],
             out: str, tag: str | None, text_tag: str | None, batch_size: int, workers: int,
-            device: str, limit: int | None, overwrite: bool, skip_existing: bool,
+            device: str, threads: int | None, limit: int | None, overwrite: bool,
+            skip_existing: bool,
             rank: int | None,
             world_size: int | None, merge: bool) -> None:
     """Run frozen encoders once over a dataset and write their token features to HDF5 caches.
@@ -106,7 +110,8 @@ def extract(backbone: str | None, weights: str | None, layer: int, resolution: i
                 "resolution": resolution, "text_encoder": text_encoder,
                 "text_weights": text_weights, "text_layer": text_layer, "max_length": max_length,
                 "dataset": dataset, "data_path": data_path, "images": images, "splits": splits,
-                "batch_size": batch_size, "workers": workers, "device": device, "limit": limit,
+                "batch_size": batch_size, "workers": workers, "device": device,
+                "threads": threads, "limit": limit,
                 "merge": merge}
     if merge:
         reports = [runner.merge_split_shards(path, overwrite) for _, _, path, _ in targets]
@@ -114,6 +119,10 @@ def extract(backbone: str | None, weights: str | None, layer: int, resolution: i
         return
 
     shard = runner.shard_from_env(rank, world_size)
+    if threads is not None:
+        if threads < 1:
+            raise InputError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     options = RunOptions(batch_size=batch_size, workers=workers,
                          device=runner.resolve_device(device), overwrite=overwrite,
                          skip_existing=skip_existing)

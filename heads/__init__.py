@@ -13,7 +13,7 @@ from typing import Any, Callable, TypeVar
 from cache.errors import InputError
 from heads.base import FeatureSpec, Head
 
-_HEAD_MODULES = ("linear", "vse", "scan", "tgdt", "aladin")
+_HEAD_MODULES = ("linear", "vse", "scan", "tgdt", "aladin", "laps", "caa", "hrem")
 _REGISTRY: dict[str, type[Head]] = {}
 _loaded = False
 

@@ -63,7 +63,7 @@ from heads.base import Criterion, Encoded, FeatureSpec, Head, Progress
 from heads.checkpoint import load_checkpoint
 from heads.layers import l2norm, mrsw, mrsw_block
 from heads.losses import listnet_distillation
-from heads.token_sets import (TokenTransformer, alignment_mask, check_drop_rule,
+from heads.token_sets import (TokenTransformer, alignment_set, check_drop_rule,
                               resolve_global_pool)
 
 STUDENT_INPUTS = ("cache", "teacher")
@@ -205,7 +205,7 @@ class ALADINHead(Head):
                              "(head.teacher_checkpoint of stage 'student')")
 
     def train(self, mode: bool = True) -> "ALADINHead":
-        """As ``nn.Module.train``; a frozen teacher (stage ``student``) always stays in eval mode."""
+        """As ``nn.Module.train``; a frozen teacher (stage ``student``) stays in eval mode."""
         super().train(mode)
         if self.stage == "student":
             self.teacher.eval()
@@ -221,8 +221,9 @@ class ALADINHead(Head):
         self._require_teacher()
         raw = self.teacher.tokens(batch, is_text)
         student_in = raw if self.student_input == "teacher" else batch.tokens
-        tokens, mask = self._alignment_set(raw, batch.mask, spec, is_text)
-        return {"emb": self.student(student_in, batch.mask, is_text), "tokens": tokens, "mask": mask}
+        tokens, mask = alignment_set(raw, batch.mask, spec, self.drop_tokens, is_text)
+        emb = self.student(student_in, batch.mask, is_text)
+        return {"emb": emb, "tokens": tokens, "mask": mask}
 
     def encode_images(self, batch: TokenBatch) -> Encoded:
         """Student ``emb [B, E]`` and the teacher's region tokens ``tokens [B, R, E]``/``mask``."""
@@ -269,8 +270,8 @@ class ALADINHead(Head):
                 txt_raw = self.teacher.tokens(texts, is_text=True)
         terms: dict[str, Tensor] = {}
         if need_teacher_scores:
-            img_set = self._alignment_set(img_raw, images.mask, self.image_spec, is_text=False)
-            txt_set = self._alignment_set(txt_raw, texts.mask, self.text_spec, is_text=True)
+            img_set = alignment_set(img_raw, images.mask, self.image_spec, self.drop_tokens, False)
+            txt_set = alignment_set(txt_raw, texts.mask, self.text_spec, self.drop_tokens, True)
             teacher_scores = mrsw_block(*img_set, *txt_set)
             if "alignment" in active:
                 terms["alignment"] = self.alignment_weight * criterion(teacher_scores, image_ids,
@@ -287,14 +288,6 @@ class ALADINHead(Head):
                     teacher_scores, student_scores, self.student_scale)
         loss = sum(terms.values())
         return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
-
-    def _alignment_set(self, raw: Tensor, mask: Tensor, spec: FeatureSpec,
-                       is_text: bool) -> tuple[Tensor, Tensor]:
-        """L2-normalised teacher tokens and the mask of those that enter MrSw (prefix sliced off)."""
-        keep = alignment_mask(mask, spec.prefix_tokens, spec.suffix_tokens, self.drop_tokens,
-                              is_text)
-        start = spec.prefix_tokens
-        return l2norm(raw[:, start:]), keep[:, start:]
 
 
 def _teacher_loaded(head: ALADINHead, incompatible: Any) -> None:

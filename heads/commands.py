@@ -125,14 +125,29 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
               help="Report file (default: eval-<split>.json beside the checkpoint).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=int, help="Encoding batch (default: the checkpoint's).")
+@click.option("--rerank-topk", metavar="K|K_I2T,K_T2I",
+              help="Two-stage retrieval: shortlist the top K per query by the coarse branch, "
+                   "re-rank them with the checkpoint's (fine) branch; misses stay misses.")
+@click.option("--coarse-checkpoint", type=click.Path(dir_okay=False),
+              help="Coarse (embedding) head for --rerank-topk (default: --checkpoint itself, "
+                   "in --coarse-mode).")
+@click.option("--coarse-mode", help="Inference branch of the coarse head, e.g. tgdt 'global'.")
+@click.option("--fine-mode", help="Inference branch of the fine head, e.g. tgdt 'local'.")
+@click.option("--fuse-weight", type=float, default=0.0, show_default=True,
+              help="Re-rank the shortlist by fine + WEIGHT * coarse.")
 def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str | None,
              protocol: str | None, save_sims: str | None, json_out: str | None, device: str,
-             batch_size: int | None) -> None:
+             batch_size: int | None, rerank_topk: str | None, coarse_checkpoint: str | None,
+             coarse_mode: str | None, fine_mode: str | None, fuse_weight: float) -> None:
     """Evaluate a trained head: i2t / t2i R@1/5/10, median and mean rank, rsum.
 
     \b
     cli eval --checkpoint runs/f8k_vse/best.pt --split test
     cli eval --checkpoint runs/coco_vse/best.pt --split testall --protocol coco1k
+    cli eval --checkpoint runs/f30k_tgdt/best.pt --rerank-topk 50,100 --coarse-mode global \
+        --fine-mode local
+    cli eval --checkpoint runs/f30k_scan/best.pt --rerank-topk 50 \
+        --coarse-checkpoint runs/f30k_vse/best.pt
     """
     from heads.evaluate import evaluate as run_evaluation
     from heads.train import resolve_device
@@ -143,6 +158,15 @@ def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str 
     head = head_from_checkpoint(state, image_cache, text_cache).to(torch_device)
     eval_cfg = state["config"]["eval"]
     options = {k: eval_cfg[k] for k in ("image_block", "caption_block") if eval_cfg.get(k)}
+    if rerank_topk is not None:
+        if save_sims:
+            raise InputError("--save-sims writes full similarity matrices; it does not apply to "
+                             "--rerank-topk")
+        run_two_stage(checkpoint, state, head, image_cache, text_cache, split, torch_device,
+                      rerank_topk, coarse_checkpoint, coarse_mode, fine_mode, fuse_weight,
+                      protocol or eval_cfg["protocol"], batch_size or eval_cfg["batch_size"],
+                      json_out, options)
+        return
     result = run_evaluation(head, image_cache, text_cache,
                             protocol=protocol or eval_cfg["protocol"], device=torch_device,
                             batch_size=batch_size or eval_cfg["batch_size"], save_sims=save_sims,
@@ -154,5 +178,40 @@ def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str 
               "images_cache": str(image_cache.path), "texts_cache": str(text_cache.path),
               "epoch": state["epoch"], **result}
     out = Path(json_out) if json_out else Path(checkpoint).parent / f"eval-{split}.json"
+    write_report(out, report)
+    click.echo(f"report: {out}")
+
+
+def run_two_stage(checkpoint: str, state: dict[str, Any], fine: Any, image_cache: ImageCache,
+                  text_cache: TextCache, split: str, device: torch.device, topk: str,
+                  coarse_checkpoint: str | None, coarse_mode: str | None, fine_mode: str | None,
+                  fuse_weight: float, protocol: str, batch_size: int, json_out: str | None,
+                  options: dict[str, Any]) -> None:
+    """``cli eval --rerank-topk``: two-stage retrieval (``heads.evaluate.two_stage``), printed as
+    the coarse-only and the final recall tables, and written to the JSON report."""
+    from heads.evaluate import two_stage
+    from heads.rerank import parse_topk
+
+    coarse = fine
+    if coarse_checkpoint is not None:
+        coarse = head_from_checkpoint(load_checkpoint(coarse_checkpoint), image_cache,
+                                      text_cache).to(device)
+    result = two_stage(coarse, fine, image_cache, text_cache, parse_topk(topk), device=device,
+                       protocol=protocol, coarse_mode=coarse_mode, fine_mode=fine_mode,
+                       fuse_weight=fuse_weight, batch_size=batch_size, **options)
+    k = result["topk"]
+    click.echo(f"{checkpoint} on {split} ({result['images']} images, {result['captions']} "
+               f"captions, protocol {protocol}), two-stage k = {k['i2t']} (i2t), {k['t2i']} (t2i)")
+    click.echo("coarse only:\n" + format_table(result["coarse"]))
+    click.echo("two-stage:\n" + format_table(result["final"], result["seconds"]))
+    recall = result["coarse_recall_at_k"]
+    click.echo(f"coarse recall at k: i2t {recall['i2t']:.2f} %, t2i {recall['t2i']:.2f} %; fine "
+               f"pairs scored {result['pairs_scored']:,} of {result['pairs_full']:,}")
+    report = {"checkpoint": str(checkpoint), "coarse_checkpoint": coarse_checkpoint,
+              "head": state["head_name"], "split": split, "images_cache": str(image_cache.path),
+              "texts_cache": str(text_cache.path), "epoch": state["epoch"],
+              "coarse_mode": coarse_mode, "fine_mode": fine_mode, **result}
+    out = (Path(json_out) if json_out else
+           Path(checkpoint).parent / f"eval-{split}-rerank{k['i2t']}_{k['t2i']}.json")
     write_report(out, report)
     click.echo(f"report: {out}")

@@ -153,6 +153,9 @@ def two_stage(coarse_head: Head, fine_head: Head, image_cache: ImageCache, text_
     """
     device = torch.device(device)
     k_i2t, k_t2i = (topk, topk) if isinstance(topk, int) else topk
+    for head, mode in ((coarse_head, coarse_mode), (fine_head, fine_mode)):
+        with _mode(head, mode):  # an unknown mode fails here, before any encoding
+            pass
     caption_image = check_pairing(image_cache, text_cache)
     subsets = protocol_subsets(len(image_cache), caption_image, protocol, source=str(text_cache.path))
     seconds: dict[str, float] = {}

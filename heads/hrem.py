@@ -273,7 +273,7 @@ class HremHead(EmbeddingHead):
         txt, words = self._encode(self.text_encoder, texts)
         base = self.pair_loss(img, txt, image_ids, criterion, progress)
         if not self.graph_active(progress):
-            return base, {"loss": float(base.detach())}
+            return base, {"loss": base.detach()}
         assert self.graph is not None
         img_g, txt_g, reg = self.graph(img, txt, regions, images.mask, words, texts.mask)
         graph_loss = self.pair_loss(img_g, txt_g, image_ids, criterion, progress)
@@ -281,8 +281,8 @@ class HremHead(EmbeddingHead):
             graph_loss = graph_loss + self.pair_loss(img, txt_g, image_ids, criterion, progress) \
                 + self.pair_loss(img_g, txt, image_ids, criterion, progress)
         loss = base + graph_loss + self.reg_weight * reg
-        return loss, {"loss": float(loss.detach()), "base": float(base.detach()),
-                      "graph": float(graph_loss.detach()), "reg": float(reg.detach())}
+        return loss, {"loss": loss.detach(), "base": base.detach(),
+                      "graph": graph_loss.detach(), "reg": reg.detach()}
 
 
 __all__ = ["HremHead", "FragmentEncoder", "InstanceGraph", "dws_triplet_loss"]

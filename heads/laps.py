@@ -26,12 +26,14 @@ Differences from the released code (all explicit):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cache.batch import TokenBatch
 from cache.errors import InputError
 from heads import register_head
-from heads.base import Criterion, Encoded, FeatureSpec, InteractionHead, Progress, num_items
+from heads.base import (Criterion, Encoded, FeatureSpec, InteractionHead, Progress, index_encoded,
+                        num_items)
 from heads.layers import l2norm, masked_mean, max_mean_alignment
 from heads.patch_slimming import PatchSlimming, caption_relevance, spatial_layout, spatial_tokens
 
@@ -39,6 +41,8 @@ from heads.patch_slimming import PatchSlimming, caption_relevance, spatial_layou
 @register_head("laps")
 class LapsHead(InteractionHead):
     """Language-aware patch selection + aggregation + word-patch max-mean alignment."""
+
+    loss_from_encodings = True    # training_loss uses encode_images / encode_texts only (DDP)
 
     def __init__(self, image_spec: FeatureSpec, text_spec: FeatureSpec, embed_dim: int = 512,
                  keep_ratio: float = 0.5, aggr_ratio: float = 0.4, keep_cls: bool = True,
@@ -113,7 +117,8 @@ class LapsHead(InteractionHead):
         return scores.view(c, n_img), (None if ratio is None else ratio.sum())
 
     def caption_chunk(self, n_img: int, n_words: int) -> int:
-        """Captions per step so that the largest per-step tensors stay near ``chunk_elements``."""
+        """Captions per step (against ``n_img`` images; pairs per step for ``n_img=1``) so that
+        the largest per-step tensors stay near ``chunk_elements``."""
         n, m = self.num_patches, self.slimming.num_aggregated
         dim = self.vision_proj.out_features
         size = self.slimming.set_size(self.num_prefix)
@@ -123,9 +128,18 @@ class LapsHead(InteractionHead):
     def _score_block(self, images: Encoded, texts: Encoded) -> tuple[Tensor, Tensor | None]:
         n_img, n_txt = num_items(images), num_items(texts)
         step = self.caption_chunk(n_img, texts["words"].shape[1])
+        starts = range(0, n_txt, step)
+        widths = [texts["words"].shape[1]] * len(starts)
+        if not self.training and len(starts) > 1:
+            # evaluation blocks are padded to the longest caption of the split: trim each chunk to
+            # its own longest caption (one host round trip per block)
+            mask = texts["word_mask"]
+            last = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(dim=1)
+            widths = F.pad(last, (0, len(starts) * step - n_txt)).view(-1, step).amax(1).tolist()
         columns, ratio = [], None
-        for start in range(0, n_txt, step):
+        for start, width in zip(starts, widths):
             chunk = {k: v[start:start + step] for k, v in texts.items()}
+            chunk["words"], chunk["word_mask"] = chunk["words"][:, :width], chunk["word_mask"][:, :width]
             scores, r = self._pair_grid(images, chunk, paired=False)
             columns.append(scores.transpose(0, 1))
             if r is not None:
@@ -142,18 +156,22 @@ class LapsHead(InteractionHead):
         return self._score_block(images, texts)[0]
 
     def score_pairs(self, images: Encoded, texts: Encoded) -> Tensor:
-        return self._pair_grid(images, texts, paired=True)[0].squeeze(0)
+        step = self.caption_chunk(1, texts["words"].shape[1])      # pairs per step
+        return torch.cat([self._pair_grid(index_encoded(images, slice(s, s + step)),
+                                          index_encoded(texts, slice(s, s + step)),
+                                          paired=True)[0].squeeze(0)
+                          for s in range(0, num_items(texts), step)])
 
     def training_loss(self, images: TokenBatch, texts: TokenBatch, image_ids: Tensor,
                       criterion: Criterion, progress: Progress) -> tuple[Tensor, dict[str, float]]:
         scores, ratio = self._score_block(self.encode_images(images), self.encode_texts(texts))
         match = criterion(scores, image_ids, progress)
         if ratio is None:
-            return match, {"loss": float(match.detach())}
+            return match, {"loss": match.detach()}
         ratio = ratio / scores.numel()
         loss = match + self.ratio_weight * ratio
-        return loss, {"loss": float(loss.detach()), "match": float(match.detach()),
-                      "ratio": float(ratio.detach())}
+        return loss, {"loss": loss.detach(), "match": match.detach(),
+                      "ratio": ratio.detach()}
 
     def extra_repr(self) -> str:
         return (f"patches={self.num_patches}, keep={self.slimming.num_keep}, "

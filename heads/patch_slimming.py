@@ -214,8 +214,10 @@ class PatchSlimming(nn.Module):
             decision = keep.to(y.dtype) + y - y.detach()        # straight-through top-K
             keep_w, drop_w = decision, 1 - decision
 
-        logits = images["agg_logits"].unsqueeze(0).masked_fill(~keep.unsqueeze(-1), NEG_INF)
-        weights = torch.softmax(logits.float(), dim=2).nan_to_num(0.0).to(values.dtype)
+        # an image without any valid patch aggregates its (zero) padding instead of producing NaN
+        pooled = keep | ~mask.any(dim=-1, keepdim=True)
+        logits = images["agg_logits"].unsqueeze(0).masked_fill(~pooled.unsqueeze(-1), NEG_INF)
+        weights = torch.softmax(logits.float(), dim=2).to(values.dtype)
         if keep_w is not None:
             weights = weights * keep_w.unsqueeze(-1).to(weights.dtype)
         aggregated = torch.einsum("cinm,ind->cimd", weights, values)             # [c, I, M, C]

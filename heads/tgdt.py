@@ -45,7 +45,7 @@ from cache.errors import InputError
 from heads import register_head
 from heads.base import Criterion, Encoded, FeatureSpec, Head, Progress
 from heads.layers import l2norm, mrsw, mrsw_block
-from heads.token_sets import (TokenTransformer, alignment_mask, check_drop_rule,
+from heads.token_sets import (TokenTransformer, alignment_set, check_drop_rule,
                               resolve_global_pool)
 
 
@@ -115,10 +115,8 @@ class TGDTHead(Head):
 
     def _encode(self, side: _Side, spec: FeatureSpec, batch: TokenBatch, is_text: bool) -> Encoded:
         local, emb = side(batch, self.detach_global_input)
-        keep = alignment_mask(batch.mask, spec.prefix_tokens, spec.suffix_tokens, self.drop_tokens,
-                              is_text)
-        start = spec.prefix_tokens
-        return {"emb": emb, "tokens": l2norm(local[:, start:]), "mask": keep[:, start:]}
+        tokens, mask = alignment_set(local, batch.mask, spec, self.drop_tokens, is_text)
+        return {"emb": emb, "tokens": tokens, "mask": mask}
 
     def encode_images(self, batch: TokenBatch) -> Encoded:
         """``emb [B, E]`` (global) and the image alignment tokens ``tokens [B, R, E]``/``mask``."""

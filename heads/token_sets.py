@@ -1,9 +1,9 @@
 """Building blocks of the token-set heads (TGDT, ALADIN): a masked transformer over token sets,
 the rule that picks which tokens enter a word-region alignment, and the choice of a global token.
 
-Token sets are padded ``[B, T, D]`` with ``mask [B, T]`` (True = valid), as ``cache.batch.TokenBatch``
-produces them; prefix tokens (CLS) sit at the first positions, suffix tokens ([SEP]) are the last
-valid ones.
+Token sets are padded ``[B, T, D]`` with ``mask [B, T]`` (True = valid), as
+``cache.batch.TokenBatch`` produces them; prefix tokens (CLS) sit at the first positions, suffix
+tokens ([SEP]) are the last valid ones.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Callable
 from torch import Tensor, nn
 
 from cache.errors import InputError
-from heads.layers import masked_mean, strip_special
+from heads.base import FeatureSpec
+from heads.layers import l2norm, masked_mean, strip_special
 
 
 class TokenTransformer(nn.Module):
@@ -54,17 +55,21 @@ def check_drop_rule(name: str) -> None:
         raise InputError(f"drop_tokens must be one of {DROP_RULES}, got {name!r}")
 
 
-def alignment_mask(mask: Tensor, prefix: int, suffix: int, drop_tokens: str, is_text: bool) -> Tensor:
-    """Mask of the tokens that enter the word-region alignment (MrSw).
+def alignment_set(tokens: Tensor, mask: Tensor, spec: FeatureSpec, drop_tokens: str,
+                  is_text: bool) -> tuple[Tensor, Tensor]:
+    """The L2-normalised tokens that enter the word-region alignment (MrSw) and their mask.
 
-    ``"cls_sep"`` drops the ``prefix`` leading tokens (image CLS/registers, text [CLS]) and the
-    ``suffix`` trailing valid tokens (text [SEP]); ``"teran"`` also drops the last remaining word
-    piece of every caption, as TERAN/TGDT/ALADIN do (meant for the final "." but it removes a real
-    word when a caption has no period). Images are treated alike by both rules.
+    ``"cls_sep"`` drops the cache's ``prefix_tokens`` leading tokens (image CLS/registers, text
+    [CLS]; sliced off) and ``suffix_tokens`` trailing valid tokens (text [SEP]; masked);
+    ``"teran"`` also drops the last remaining word piece of every caption, as TERAN/TGDT/ALADIN do
+    (meant for the final "." but it removes a real word when a caption has no period). Images are
+    treated alike by both rules.
     """
     check_drop_rule(drop_tokens)
     extra = 1 if drop_tokens == "teran" and is_text else 0
-    return strip_special(mask, prefix, suffix + extra)
+    keep = strip_special(mask, spec.prefix_tokens, spec.suffix_tokens + extra)
+    start = spec.prefix_tokens
+    return l2norm(tokens[:, start:]), keep[:, start:]
 
 
 # ------------------------------------------------------------------------------- global token
@@ -96,5 +101,5 @@ def resolve_global_pool(name: str, prefix_tokens: int) -> Callable[[Tensor, Tens
     return GLOBAL_POOLS[name]
 
 
-__all__ = ["TokenTransformer", "DROP_RULES", "check_drop_rule", "alignment_mask", "GLOBAL_CHOICES",
+__all__ = ["TokenTransformer", "DROP_RULES", "check_drop_rule", "alignment_set", "GLOBAL_CHOICES",
            "check_global_pool", "resolve_global_pool"]

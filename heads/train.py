@@ -402,7 +402,8 @@ class Trainer:
         _note(why, self.dist)
         self.dataset = PairBatches(self.train_images, self.train_texts, seed=seed,
                                    image_drop=image_drop, text_drop=data["text_token_drop"],
-                                   preload=preload, device=self.dist.device)
+                                   preload=preload, device=self.dist.device,
+                                   float32=self.dist.device.type == "cpu")
         self.sampler = EpochBatches(len(self.train_texts), optim["batch_size"], seed,
                                     self.dist.rank, self.dist.world_size)
         self.loader = pair_loader(self.dataset, self.sampler, data["num_workers"],

@@ -1,32 +1,22 @@
 """Run stage-one commands in-process the way ``cli.py`` runs them, and build tiny test inputs.
 
 ``run_cli(...)`` returns ``(exit code, output)``: an ``InputError`` becomes exit 2 with its message,
-as ``cli.main`` does. It goes through the real ``cli.py`` group when that imports (all commands
-present), else through a group of the stage-one commands alone.
+as ``cli.main`` does; ``CLI_PY`` is the command line of a real ``python cli.py`` subprocess.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-import click
 import torch
 from click.testing import CliRunner
 
 from cache.errors import InputError
-from extract.commands import demo_data, extract, import_precomp
+from cli import cli as GROUP
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-try:
-    from cli import cli as GROUP
-    CLI_PY = [sys.executable, str(REPO_ROOT / "cli.py")]
-except ImportError:  # stage two's commands not in the tree yet
-    GROUP = click.Group("cli", commands={c.name: c for c in (extract, import_precomp, demo_data)})
-    CLI_PY = [sys.executable, "-c",
-              "import sys; from extract.commands import extract, import_precomp, demo_data; "
-              "import click; g = click.Group('cli', commands={c.name: c for c in "
-              "(extract, import_precomp, demo_data)}); g()"]
+CLI_PY = [sys.executable, str(REPO_ROOT / "cli.py")]
 
 
 def run_cli(*args: object) -> tuple[int, str]:

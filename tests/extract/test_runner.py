@@ -317,8 +317,6 @@ def test_unknown_backbone_and_missing_weights_folder(demo, tmp_path):
 
 def test_cli_py_prints_one_line_and_exits_2(demo, tmp_path):
     """Through a real subprocess: the user sees one line on stderr and exit status 2."""
-    if CLI_PY[1] == "-c":
-        pytest.skip("cli.py does not import yet (stage-two commands missing)")
     process = subprocess.run(
         CLI_PY + ["extract", "--backbone", "nope", "--dataset", "f30k", "--data-path", str(demo)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)

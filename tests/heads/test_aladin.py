@@ -248,13 +248,40 @@ def test_teacher_then_distilled_student_learn(world, tmp_path):
     train, test = sample(world, 200), sample(world, 100)
     options = dict(embed_dim=32, teacher_ff_dim=64, student_ff_dim=32, heads=4)
     teacher = make_head(world, stage="teacher", **options)
-    train_head(teacher, train, steps=80)
+    train_head(teacher, train, steps=60)
     teacher_r1 = recall_at_1(teacher, test)
     assert min(teacher_r1.values()) > 40.0, teacher_r1                  # chance is 1 %
     path = write_run(teacher, tmp_path / "teacher.pt")
     student = make_head(world, seed=1, stage="student", teacher_checkpoint=path, **options)
     assert recall_at_1(student, test, "teacher") == teacher_r1
-    train_head(student, train, steps=80)
+    train_head(student, train, steps=60)
     student_r1 = recall_at_1(student, test)
     assert min(student_r1.values()) > 25.0, student_r1
     assert recall_at_1(student, test, "teacher") == teacher_r1
+
+
+def test_two_step_recipe_through_the_trainer_and_configs(tmp_path):
+    """configs/f8k_aladin_{teacher,student}.yaml on tiny synthetic caches: the student run loads
+    the teacher run's best.pt, keeps it frozen and selects on the student branch."""
+    from heads.config import load_config
+    from heads.train import train
+    from tests.heads.synthetic_caches import config_overrides, write_dataset
+
+    features = write_dataset(tmp_path / "features", train=60, dev=20, test=10)
+    small = ["head.embed_dim=16", "head.teacher_ff_dim=32", "head.student_ff_dim=16",
+             "head.heads=2", "head.dropout=0.0", "head.student_layers=1"]
+    common = config_overrides(features, head=None, epochs=2, batch_size=50, lr=0.003,
+                              warmup_steps=0, milestones="[]") + small
+    teacher_cfg = load_config("configs/f8k_aladin_teacher.yaml", common)
+    teacher = train(teacher_cfg, tmp_path / "teacher", show_progress=False)
+    assert teacher.history[-1]["scalars"].keys() == {"loss", "alignment"}
+    teacher_path = tmp_path / "teacher" / "best.pt"
+    student_cfg = load_config("configs/f8k_aladin_student.yaml",
+                              common + [f"head.teacher_checkpoint={teacher_path}"])
+    assert student_cfg["head"]["stage"] == "student"
+    student = train(student_cfg, tmp_path / "student", show_progress=False)
+    assert {"matching", "distillation"} <= student.history[-1]["scalars"].keys()
+    taught = load_checkpoint(teacher_path)["model"]
+    learnt = load_checkpoint(tmp_path / "student" / "last.pt")["model"]
+    assert all(torch.equal(v, learnt[k]) for k, v in taught.items() if k.startswith("teacher."))
+    assert not all(torch.equal(v, learnt[k]) for k, v in taught.items() if k.startswith("student."))

@@ -136,7 +136,7 @@ def test_interaction_blocks_equal_full_score(split) -> None:
         img_enc, txt_enc = encode_cache(head, image, "cpu"), encode_cache(head, text, "cpu")
         with torch.inference_mode():
             full = head.eval().score(img_enc, txt_enc)
-        for image_block, caption_block in [(1, 5), (5, 7), (12, 36), (100, 100)]:
+        for image_block, caption_block in [(3, 5), (5, 7), (12, 36), (100, 100)]:
             sims = similarity_matrix(head, img_enc, txt_enc, "cpu", image_block, caption_block)
             assert sims.dtype == torch.float32 and sims.shape == (12, 36)
             torch.testing.assert_close(sims, full, rtol=1e-5, atol=1e-5)

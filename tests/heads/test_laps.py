@@ -119,6 +119,9 @@ def test_caption_padding_does_not_change_scores():
         assert wider.tokens.shape[1] == texts.tokens.shape[1] + 7
         torch.testing.assert_close(head.score(img, head.encode_texts(wider)), base,
                                    rtol=1e-12, atol=1e-12)
+        head.chunk_elements = 1        # chunks of one caption, each trimmed to its own length
+        torch.testing.assert_close(head.score(img, head.encode_texts(wider)), base,
+                                   rtol=1e-12, atol=1e-12)
 
 
 def test_region_padding_does_not_change_scores():

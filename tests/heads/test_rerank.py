@@ -181,3 +181,45 @@ def test_parse_topk() -> None:
     for bad in ("0", "a", "1,2,3", "-5,4"):
         with pytest.raises(InputError, match="top-k must be"):
             parse_topk(bad)
+
+
+def test_eval_command_two_stage(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from heads.checkpoint import FORMAT_VERSION, feature_identity, save_checkpoint
+    from heads.commands import evaluate as eval_command
+
+    image, text = write_split(tmp_path)
+    if not {"vse", "scan"} <= set(list_heads()):
+        pytest.skip("needs the vse and scan heads")
+    paths = {}
+    for name in ("vse", "scan"):
+        torch.manual_seed(0)
+        head = build_head(name, *specs(image, text), embed_dim=8)
+        paths[name] = tmp_path / f"{name}.pt"
+        save_checkpoint({
+            "format": FORMAT_VERSION, "head_name": name, "head_options": {"embed_dim": 8},
+            "image_spec": specs(image, text)[0].to_dict(),
+            "text_spec": specs(image, text)[1].to_dict(),
+            "features": {"image": feature_identity(image), "text": feature_identity(text)},
+            "model": head.state_dict(), "epoch": 0, "step": 0,
+            "config": {"data": {"test_split": "test", "features": str(tmp_path), "dataset": "syn",
+                                "image": "synthetic", "text": "synthetic"},
+                       "eval": {"protocol": "full", "batch_size": 8}}}, paths[name])
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(eval_command, [
+        "--checkpoint", str(paths["scan"]), "--coarse-checkpoint", str(paths["vse"]),
+        "--images", str(image.path), "--texts", str(text.path), "--rerank-topk", "5,3",
+        "--device", "cpu", "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "coarse only:" in result.output and "two-stage:" in result.output
+    saved = __import__("json").loads(report.read_text())
+    assert saved["topk"] == {"i2t": 5, "t2i": 3} and saved["pairs_scored"] < 12 * 36
+    assert saved["coarse_checkpoint"] == str(paths["vse"])
+
+
+def test_unknown_mode_fails_early(tmp_path: Path) -> None:
+    image, text = write_split(tmp_path)
+    head = TwoBranch(*specs(image, text))
+    with pytest.raises(InputError, match="no inference mode 'coarse'"):
+        two_stage(head, head, image, text, topk=5, coarse_mode="coarse", fine_mode="local")

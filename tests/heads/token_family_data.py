@@ -17,7 +17,8 @@ from tests.heads.synthetic_pairs import SyntheticWorld
 
 
 class FramedWorld(SyntheticWorld):
-    """Wider, less noisy than the base world (global embeddings learn it in ~100 steps). Captions get a [CLS] token (a fixed vector plus the mean of the words) and a fixed [SEP]."""
+    """Wider and less noisy than the base world (global embeddings learn it in ~100 steps).
+    Captions get a [CLS] token (a fixed vector plus the mean of the words) and a fixed [SEP]."""
 
     def __init__(self, seed: int = 0, img_dim: int = 32, txt_dim: int = 32, noise: float = 0.1,
                  **options) -> None:
