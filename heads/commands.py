@@ -150,7 +150,7 @@ def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str 
         --coarse-checkpoint runs/f30k_vse/best.pt
     """
     from heads.evaluate import evaluate as run_evaluation
-    from heads.train import resolve_device
+    from heads.distributed import resolve_device
 
     state = load_checkpoint(checkpoint)
     image_cache, text_cache, split = open_eval_caches(state, split, images, texts)

@@ -62,6 +62,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "run": {
         "seed": 0,
         "device": "auto",             # auto | cpu | cuda | cuda:N
+        "threads": 0,                 # CPU intra-op threads (0 = PyTorch's default); 1 is much
+                                      # faster for small heads on a busy shared CPU
         "amp": True,                  # bf16 autocast on CUDA (CPU always runs fp32)
         "log_every": 50,              # steps between progress-bar / log.jsonl loss updates
         "tensorboard": True,          # when the tensorboard package is installed
@@ -277,9 +279,11 @@ def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
     for key in ("image_token_drop", "text_token_drop"):
         if not 0.0 <= out["data"][key] < 1.0:
             raise InputError(f"{source}: 'data.{key}' must be in [0, 1), got {out['data'][key]}")
-    for key in ("epochs", "batch_size"):
-        if out["optim"][key] < 1:
-            raise InputError(f"{source}: 'optim.{key}' must be at least 1")
+    for section, key, least in (("optim", "epochs", 1), ("optim", "batch_size", 1),
+                                ("optim", "warmup_steps", 0), ("run", "log_every", 1),
+                                ("run", "threads", 0), ("data", "num_workers", 0)):
+        if out[section][key] < least:
+            raise InputError(f"{source}: '{section}.{key}' must be at least {least}")
     if not all(isinstance(m, int) and not isinstance(m, bool) for m in out["optim"]["milestones"]):
         raise InputError(f"{source}: 'optim.milestones' must be a list of epochs (integers)")
     for key in ("image", "text"):

@@ -35,7 +35,8 @@ from heads import register_head
 from heads.base import (Criterion, Encoded, FeatureSpec, InteractionHead, Progress, index_encoded,
                         num_items)
 from heads.layers import l2norm, masked_mean, max_mean_alignment
-from heads.patch_slimming import PatchSlimming, caption_relevance, spatial_layout, spatial_tokens
+from heads.patch_slimming import (PatchSlimming, block_max_mean, caption_relevance, set_tokens,
+                                  spatial_layout, spatial_tokens)
 
 
 @register_head("laps")
@@ -107,22 +108,24 @@ class LapsHead(InteractionHead):
         ``[1, P]`` for aligned pairs; and the summed ratio-loss term (score network, training)."""
         relevance = caption_relevance(images["patches"], images["patch_norm"], texts["caption"],
                                       paired)
-        visual, visual_mask, ratio = self.slimming.visual_sets(images, relevance)
-        c, n_img = visual.shape[:2]
-        words = texts["words"].unsqueeze(0 if paired else 1).expand(c, n_img, -1, -1)
-        word_mask = texts["word_mask"].unsqueeze(0 if paired else 1).expand(c, n_img, -1)
-        scores = max_mean_alignment(visual.flatten(0, 1), visual_mask.flatten(0, 1),
-                                    words.flatten(0, 1), word_mask.flatten(0, 1),
+        sets = self.slimming.visual_sets(images, relevance)
+        ratio = None if sets.ratio is None else sets.ratio.sum()
+        if not paired:
+            return block_max_mean(images, sets, texts["words"], texts["word_mask"],
+                                  self.negative_slope), ratio
+        tokens, mask = set_tokens(images, sets)
+        scores = max_mean_alignment(tokens[0], mask[0], texts["words"], texts["word_mask"],
                                     self.negative_slope)
-        return scores.view(c, n_img), (None if ratio is None else ratio.sum())
+        return scores.unsqueeze(0), ratio
 
-    def caption_chunk(self, n_img: int, n_words: int) -> int:
-        """Captions per step (against ``n_img`` images; pairs per step for ``n_img=1``) so that
-        the largest per-step tensors stay near ``chunk_elements``."""
+    def caption_chunk(self, n_img: int, n_words: int, paired: bool = False) -> int:
+        """Captions per step against ``n_img`` images (``paired``: pairs per step, ``n_img=1``) so
+        that the largest per-step tensors stay near ``chunk_elements`` elements."""
         n, m = self.num_patches, self.slimming.num_aggregated
         dim = self.vision_proj.out_features
         size = self.slimming.set_size(self.num_prefix)
-        per_caption = n_img * (2 * n * m + 2 * size * dim + n_words * dim + n_words * size)
+        tokens = 2 * size * dim + n_words * dim if paired else 2 * m * dim   # sets (+ word copies)
+        per_caption = n_img * (2 * n * m + tokens + 3 * n_words * size)
         return max(1, self.chunk_elements // max(1, per_caption))
 
     def _score_block(self, images: Encoded, texts: Encoded) -> tuple[Tensor, Tensor | None]:
@@ -156,7 +159,7 @@ class LapsHead(InteractionHead):
         return self._score_block(images, texts)[0]
 
     def score_pairs(self, images: Encoded, texts: Encoded) -> Tensor:
-        step = self.caption_chunk(1, texts["words"].shape[1])      # pairs per step
+        step = self.caption_chunk(1, texts["words"].shape[1], paired=True)
         return torch.cat([self._pair_grid(index_encoded(images, slice(s, s + step)),
                                           index_encoded(texts, slice(s, s + step)),
                                           paired=True)[0].squeeze(0)

@@ -33,6 +33,7 @@ top-K of the noiseless mix.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 
 from cache.errors import CacheMismatchError, InputError
 from heads.base import Encoded, FeatureSpec
-from heads.layers import l2norm, masked_mean
+from heads.layers import l2norm, masked_max, masked_mean
 
 NEG_INF = float("-inf")
 
@@ -143,6 +144,70 @@ def caption_relevance(values: Tensor, norms: Tensor, caption: Tensor, paired: bo
         return dots / norms.unsqueeze(0)
 
 
+@dataclass
+class VisualSets:
+    """The caption-dependent part of LAPS's visual sets for a grid of pairs ``[c, I]``, before L2
+    normalisation: ``aggregated [c, I, M, C]``, ``fused [c, I, C]``, ``fused_mask [c, I]`` (False
+    when nothing was dropped) and the score network's ratio-loss term ``[c, I]`` (or None). The
+    full set of a pair is [CLS (from the image encoding); aggregated; fused]."""
+
+    aggregated: Tensor
+    fused: Tensor
+    fused_mask: Tensor
+    ratio: Tensor | None
+
+
+def _prefix(images: Encoded, c: int) -> tuple[Tensor, Tensor]:
+    """The images' unit prefix tokens ``[I, P, C]`` and mask ``[c, I, P]`` (P = 0 or 1)."""
+    cls = images.get("cls")
+    if cls is None:
+        n_img, dim = images["patches"].shape[0], images["patches"].shape[-1]
+        cls = images["patches"].new_zeros(n_img, 0, dim)
+        return cls, images["patch_mask"].new_zeros(c, n_img, 0)
+    return cls, images["cls_mask"].unsqueeze(0).expand(c, -1, -1)
+
+
+def set_tokens(images: Encoded, sets: VisualSets) -> tuple[Tensor, Tensor]:
+    """The L2-normalised visual sets ``[c, I, T, C]`` and their mask ``[c, I, T]``."""
+    c, n_img, m = sets.aggregated.shape[:3]
+    cls, cls_mask = _prefix(images, c)
+    tokens = torch.cat([cls.unsqueeze(0).expand(c, -1, -1, -1), l2norm(sets.aggregated),
+                        l2norm(sets.fused).unsqueeze(2)], dim=2)
+    mask = torch.cat([cls_mask, sets.fused_mask.new_ones(c, n_img, m), sets.fused_mask.unsqueeze(2)],
+                     dim=2)
+    return tokens, mask
+
+
+def block_max_mean(images: Encoded, sets: VisualSets, words: Tensor, word_mask: Tensor,
+                   negative_slope: float = 0.1) -> Tensor:
+    """Bidirectional word-patch max-mean (``layers.max_mean_alignment``) of every caption of a
+    chunk against every image -> ``[c, I]``: ``words [c, L, C]`` unit vectors, ``word_mask [c, L]``.
+
+    The same values as ``max_mean_alignment`` on ``set_tokens``, computed caption-major: one
+    product per caption against all images' tokens, the norms of the aggregated / fused tokens
+    divided out of the cosines afterwards, so neither the normalised sets nor per-pair copies of
+    the words are materialised."""
+    c, n_img = sets.aggregated.shape[:2]
+    cls, cls_mask = _prefix(images, c)
+    agg_norm = sets.aggregated.norm(dim=-1) + 1e-8                                  # [c, I, M]
+    fused_norm = sets.fused.norm(dim=-1, keepdim=True) + 1e-8                       # [c, I, 1]
+    sims = torch.cat([
+        torch.einsum("cld,ipd->cilp", words, cls),
+        torch.einsum("cld,cimd->cilm", words, sets.aggregated) / agg_norm.unsqueeze(2),
+        (torch.einsum("cld,cid->cil", words, sets.fused) / fused_norm).unsqueeze(-1),
+    ], dim=-1)                                                                       # [c, I, L, T]
+    sims = F.leaky_relu(sims, negative_slope)
+    set_mask = torch.cat([cls_mask, sets.fused_mask.new_ones(agg_norm.shape),
+                          sets.fused_mask.unsqueeze(-1)], dim=-1)                    # [c, I, T]
+    valid = word_mask[:, None, :, None] & set_mask[:, :, None, :]
+    word_best = masked_max(sims, valid, dim=3)                                      # [c, I, L]
+    token_best = masked_max(sims, valid, dim=2)                                     # [c, I, T]
+    w_mask = word_mask.unsqueeze(1).expand(c, n_img, -1)
+    word_term = masked_mean(word_best.flatten(0, 1).unsqueeze(-1), w_mask.flatten(0, 1))
+    token_term = masked_mean(token_best.flatten(0, 1).unsqueeze(-1), set_mask.flatten(0, 1))
+    return (word_term + token_term).view(c, n_img)
+
+
 class PatchSlimming(nn.Module):
     """Selection + fusion + aggregation of LAPS over a grid of (caption, image) pairs.
 
@@ -199,12 +264,8 @@ class PatchSlimming(nn.Module):
         keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & mask
         return keep, scores, y
 
-    def visual_sets(self, images: Encoded, relevance: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Per-pair visual sets from ``relevance [c, I|P, N]`` (see ``caption_relevance``).
-
-        Returns ``tokens [c, I, 1+M+1 or M+1, C]`` (L2-normalised: prefix, aggregated, fused),
-        ``mask [c, I, T]`` and the per-pair ratio-loss term ``[c, I]`` (score network in
-        training only, else None)."""
+    def visual_sets(self, images: Encoded, relevance: Tensor) -> VisualSets:
+        """Per-pair slimmed patches from ``relevance [c, I|P, N]`` (see ``caption_relevance``)."""
         values = images["patches"]
         mask = images["patch_mask"].unsqueeze(0)
         keep, scores, y = self.selection(images, relevance)
@@ -226,22 +287,13 @@ class PatchSlimming(nn.Module):
         fuse = torch.where(drop, fuse, torch.zeros_like(fuse)).to(values.dtype)
         if drop_w is not None:
             fuse = fuse * drop_w.to(fuse.dtype)
-        fused = torch.einsum("cin,ind->cid", fuse, values).unsqueeze(2)          # [c, I, 1, C]
-
-        c, n_img = keep.shape[:2]
-        parts = [aggregated, fused]
-        masks = [keep.new_ones(c, n_img, self.num_aggregated), drop.any(dim=-1, keepdim=True)]
-        if "cls" in images and images["cls"].shape[1]:
-            parts.insert(0, images["cls"].unsqueeze(0).expand(c, -1, -1, -1))
-            masks.insert(0, images["cls_mask"].unsqueeze(0).expand(c, -1, -1))
-        tokens = l2norm(torch.cat(parts, dim=2))
-        set_mask = torch.cat(masks, dim=2)
+        fused = torch.einsum("cin,ind->cid", fuse, values)                       # [c, I, C]
 
         ratio = None
         if y is not None and self.training:
             kept_share = (y * mask).sum(-1) / mask.sum(-1).clamp(min=1)
             ratio = (kept_share - self.keep_ratio) ** 2
-        return tokens, set_mask, ratio
+        return VisualSets(aggregated, fused, drop.any(dim=-1), ratio)
 
     def set_size(self, prefix: int) -> int:
         """Number of tokens in a visual set (prefix + aggregated + fused)."""
@@ -249,4 +301,4 @@ class PatchSlimming(nn.Module):
 
 
 __all__ = ["spatial_layout", "slimming_sizes", "spatial_tokens", "PatchAggregator", "PatchScoreNet",
-           "caption_relevance", "PatchSlimming"]
+           "caption_relevance", "VisualSets", "set_tokens", "block_max_mean", "PatchSlimming"]

@@ -14,24 +14,22 @@
   gets a record per epoch and every ``log_every`` steps, tensorboard when it is installed;
 * ``resume=True`` continues from ``last.pt`` with the exact state (model, optimiser, schedule,
   loss, RNGs of every rank), so the next epoch equals the one of an uninterrupted run;
-* under ``torchrun`` (``WORLD_SIZE > 1``): DistributedDataParallel; ``optim.batch_size`` is the
-  global batch, each rank takes a slice of it, and the loss sees the whole global batch (see
-  ``gather_mode``), so the averaged gradient equals the one-process gradient of that batch.
+* under ``torchrun`` (``WORLD_SIZE > 1``): DistributedDataParallel over ``heads.distributed``'s
+  loss module, so the averaged gradient equals the one-process gradient of the global batch.
   BatchNorm layers become SyncBatchNorm on CUDA (``run.sync_batchnorm``); on the CPU (gloo) each
   rank normalises with its own slice's statistics. Dev evaluation and checkpoints run on rank 0.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import math
-import os
 import random
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,15 +37,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from cache.batch import TokenBatch
 from cache.datasets import EpochBatches, PairBatches, check_pair_caches, pair_loader, resolve_preload
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from heads import build_head
-from heads.base import Encoded, FeatureSpec, Head, Progress
+from heads.base import FeatureSpec, Head, Progress
 from heads.checkpoint import (FORMAT_VERSION, check_features, feature_identity, load_checkpoint,
                               rng_state, save_checkpoint, set_rng_state)
 from heads.config import cache_paths, save_config
+from heads.distributed import Dist, LossModule, gather_mode, init_distributed
 from heads.losses import build_loss
 
 LAST, BEST, LOG, CONFIG = "last.pt", "best.pt", "log.jsonl", "config.yaml"
@@ -55,151 +53,6 @@ LAST, BEST, LOG, CONFIG = "last.pt", "best.pt", "log.jsonl", "config.yaml"
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or Inf."""
-
-
-# ------------------------------------------------------------------------------------ processes
-
-
-@dataclass(frozen=True)
-class Dist:
-    """Where this process runs: its rank among ``world_size`` processes and its device."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    owns_group: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> the local GPU when there is one, else the CPU."""
-    if name == "auto":
-        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    elif name == "cuda":
-        name = f"cuda:{local_rank}"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"run.device is {name!r} but no CUDA device is available")
-    return device
-
-
-def init_distributed(device_name: str) -> Dist:
-    """Join the torchrun process group when ``WORLD_SIZE > 1`` (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
-    if world <= 1:
-        return Dist(device=device)
-    owns = not dist.is_initialized()
-    if owns:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), device, owns)
-
-
-class _AllGather(torch.autograd.Function):
-    """All-gather along dim 0 (equal sizes on every rank) whose backward sums the gradient over
-    the ranks and returns this rank's slice (every rank computes the loss of the whole batch)."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: Tensor) -> Tensor:
-        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
-        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
-
-
-def all_gather_tensor(tensor: Tensor) -> Tensor:
-    """Concatenate every rank's ``tensor`` along dim 0; differentiable for float tensors. Dim 1
-    (token sets of different lengths) is zero/False-padded to the longest rank's."""
-    if tensor.dim() >= 2:
-        width = torch.tensor([tensor.shape[1]], device=tensor.device)
-        dist.all_reduce(width, op=dist.ReduceOp.MAX)
-        extra = int(width) - tensor.shape[1]
-        if extra:
-            tensor = nn.functional.pad(tensor, [0, 0] * (tensor.dim() - 2) + [0, extra])
-    if tensor.is_floating_point():
-        return _AllGather.apply(tensor)
-    moved = tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor
-    parts = [torch.empty_like(moved) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, moved.contiguous())
-    return torch.cat(parts).to(tensor.dtype)
-
-
-def all_gather_encoded(enc: Encoded) -> Encoded:
-    """An encoding of the global batch from every rank's local encoding."""
-    return {key: all_gather_tensor(value) for key, value in enc.items()}
-
-
-@contextlib.contextmanager
-def gathered_encodings(head: Head) -> Iterator[None]:
-    """Within the block, ``head.encode_images`` / ``encode_texts`` return the encodings of the global
-    batch (this rank's rows keep their gradient). A head's ``training_loss`` must therefore derive
-    every batch-wide quantity from these encodings (all heads of this toolkit do)."""
-    encode_images, encode_texts = head.encode_images, head.encode_texts
-    head.encode_images = lambda batch: all_gather_encoded(encode_images(batch))  # type: ignore[method-assign]
-    head.encode_texts = lambda batch: all_gather_encoded(encode_texts(batch))  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del head.encode_images, head.encode_texts
-
-
-def all_gather_batch(batch: TokenBatch) -> TokenBatch:
-    """The token batch of the global batch (no gradient: cached inputs)."""
-    return TokenBatch(all_gather_tensor(batch.tokens), all_gather_tensor(batch.mask))
-
-
-GATHER_MODES = ("auto", "encodings", "inputs")
-
-
-def gather_mode(head: Head, mode: str) -> str:
-    """How a DDP step lets the loss see the global batch.
-
-    "encodings": each rank encodes its own rows and the encodings are all-gathered with gradient
-    (the head's compute is split over the ranks); valid when ``training_loss`` derives every
-    batch-wide quantity from ``encode_images`` / ``encode_texts``. "inputs": the cached token batches
-    are all-gathered and every rank computes the loss of the global batch (valid for any head, the
-    head's compute is not split). "auto": "encodings" for heads that keep the base
-    ``training_loss`` or declare ``loss_from_encodings = True``, otherwise "inputs"."""
-    if mode not in GATHER_MODES:
-        raise InputError(f"run.ddp_gather must be one of {GATHER_MODES}, got {mode!r}")
-    if mode != "auto":
-        return mode
-    default = type(head).training_loss is Head.training_loss
-    return "encodings" if getattr(type(head), "loss_from_encodings", default) else "inputs"
-
-
-class LossModule(nn.Module):
-    """The module DDP wraps: the head and the loss (whose temperature may be learnable);
-    ``forward`` returns the head's ``training_loss`` of the global batch (see ``gather_mode``)."""
-
-    def __init__(self, head: Head, criterion: nn.Module, world_size: int = 1,
-                 gather: str = "encodings") -> None:
-        super().__init__()
-        self.head, self.criterion = head, criterion
-        self.world_size, self.gather = world_size, gather
-
-    def forward(self, images: TokenBatch, texts: TokenBatch, image_ids: Tensor,
-                progress: Progress) -> tuple[Tensor, dict[str, Any]]:
-        if self.world_size == 1:
-            return self.head.training_loss(images, texts, image_ids, self.criterion, progress)
-        image_ids = all_gather_tensor(image_ids)
-        if self.gather == "inputs":
-            return self.head.training_loss(all_gather_batch(images), all_gather_batch(texts),
-                                           image_ids, self.criterion, progress)
-        with gathered_encodings(self.head):
-            return self.head.training_loss(images, texts, image_ids, self.criterion, progress)
 
 
 # ------------------------------------------------------------------------------------- optimiser
@@ -338,6 +191,8 @@ class Trainer:
                  show_progress: bool = True) -> None:
         self.config, self.out_dir, self.show_progress = config, Path(out_dir), show_progress
         self.dist = init_distributed(config["run"]["device"])
+        if config["run"]["threads"] > 0:
+            torch.set_num_threads(config["run"]["threads"])
         last = self.out_dir / LAST
         if not resume and last.exists():
             raise InputError(f"{last}: a run already exists in {self.out_dir}; pass --resume to "
@@ -430,9 +285,15 @@ class Trainer:
     # -------------------------------------------------------------------------------- state
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.head.load_state_dict(state["model"])
-        self.criterion.load_state_dict(state["criterion"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Continue from a checkpoint of this run (the head/loss/optimiser must still fit it)."""
+        try:
+            self.head.load_state_dict(state["model"])
+            self.criterion.load_state_dict(state["criterion"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise InputError(f"{state['path']}: the run's state does not fit the resolved config "
+                             f"(changed head, loss or optimiser options?): "
+                             f"{str(exc).splitlines()[0]}") from exc
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step = state["epoch"] + 1, state["step"]
         self.best_rsum, self.best_epoch = state["best_rsum"], state["best_epoch"]
@@ -489,7 +350,8 @@ class Trainer:
         first_bad = torch.full((), -1, dtype=torch.long, device=device)
         scalars: dict[str, Any] = {}
         bar = tqdm(self.loader, total=self.steps_per_epoch, leave=False, dynamic_ncols=True,
-                   desc=f"epoch {epoch}", disable=not (self.show_progress and self.dist.is_main))
+                   desc=f"epoch {epoch}", disable=not (self.show_progress and self.dist.is_main),
+                   mininterval=0.1 if sys.stderr.isatty() else 30.0)  # sparse lines in log files
         for i, (images, texts, image_ids) in enumerate(bar):
             images = images.to(device, dtype=torch.float32)
             texts = texts.to(device, dtype=torch.float32)
@@ -590,6 +452,5 @@ def train(config: dict[str, Any], out_dir: str | Path, resume: bool = False,
         trainer.close()
 
 
-__all__ = ["train", "Trainer", "TrainSummary", "NonFiniteLossError", "LossModule",
-           "all_gather_encoded", "gathered_encodings", "param_groups", "lr_factor", "open_split",
-           "evaluate_split", "gather_mode"]
+__all__ = ["train", "Trainer", "TrainSummary", "NonFiniteLossError", "param_groups", "lr_factor",
+           "open_split", "evaluate_split"]

@@ -74,6 +74,9 @@ def test_train_then_eval(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capture
                            "--out", str(run), "--resume", "--set", "optim.epochs=3",
                            "--no-progress")
     assert code == 2 and str(config_file) in err    # the bare file differs from the run's config
+    code, _, err = run_cli(monkeypatch, capsys, "train-head", "--out", str(run), "--resume",
+                           "--set", "optim.epochs=3", "--set", "head.embed_dim=8")
+    _one_line_error(code, err, "last.pt", "does not fit")
 
 
 def _one_line_error(code: int, err: str, *needles: str) -> None:
@@ -111,6 +114,10 @@ def test_error_paths(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixt
 
     code, _, err = run_cli(monkeypatch, capsys, "train-head", "--out", str(tmp_path / "r4"))
     _one_line_error(code, err, "--config")
+
+    code, _, err = run_cli(monkeypatch, capsys, "train-head", "--config", str(config_file),
+                           "--out", str(tmp_path / "r5"), "--device", "tpu7", *_sets(features))
+    _one_line_error(code, err, "tpu7")
 
     # a trained head against caches of another encoder / a missing cache file
     run = tmp_path / "run"

@@ -57,6 +57,7 @@ def test_head_flag_replaces_the_head(config_file: Path) -> None:
     ("data.preload=gpu", "data.preload"),
     ("run.amp=1", "run.amp"),
     ("optim.lr.x=1", "optim.lr"),
+    ("run.threads=-1", "run.threads"),
 ])
 def test_bad_overrides_name_the_key_and_the_file(config_file: Path, override: str,
                                                  needle: str) -> None:

@@ -17,13 +17,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cache.batch import TokenBatch
-from heads import list_heads
+from heads import build_head, list_heads
 from heads.base import FeatureSpec, Progress
 from heads.checkpoint import load_checkpoint
 from heads.config import load_config
-from heads.linear import LinearHead
 from heads.losses import build_loss
-from heads.train import LossModule, train
+from heads.distributed import LossModule
+from heads.train import train
 from tests.heads.synthetic_caches import one_thread  # noqa: F401 (autouse fixture)
 from tests.heads.synthetic_caches import config_overrides, write_dataset
 
@@ -31,18 +31,28 @@ WORLD = 2
 IMAGE_IDS = [0, 0, 1, 2, 3, 3, 4, 5]       # two captions of image 0 and of image 3
 
 
-def _batch(n: int, width: int, dim: int, seed: int) -> TokenBatch:
+def _batch(lengths: list[int], dim: int, seed: int) -> TokenBatch:
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(2, width + 1, (n,), generator=g)
-    mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
-    return TokenBatch(torch.randn(n, width, dim, generator=g) * mask.unsqueeze(-1), mask)
+    lengths_t = torch.tensor(lengths)
+    mask = torch.arange(max(lengths)).unsqueeze(0) < lengths_t.unsqueeze(1)
+    return TokenBatch(torch.randn(len(lengths), max(lengths), dim, generator=g)
+                      * mask.unsqueeze(-1), mask)
 
 
-def _parts() -> tuple[LossModule, TokenBatch, TokenBatch, torch.Tensor]:
+# rank 0 takes rows 0-3, rank 1 rows 4-7: their token sets have different widths, so gathering
+# token encodings pads them
+IMAGE_LENGTHS = [3, 2, 3, 3, 5, 4, 2, 5]
+TEXT_LENGTHS = [7, 4, 6, 2, 4, 3, 4, 2]
+
+
+HEADS = ("linear", "scan")   # an embedding head and an interaction head (token-set encodings)
+
+
+def _parts(name: str) -> tuple[LossModule, TokenBatch, TokenBatch, torch.Tensor]:
     torch.manual_seed(0)
-    head = LinearHead(FeatureSpec("image", 6), FeatureSpec("text", 4), embed_dim=5)
+    head = build_head(name, FeatureSpec("image", 6), FeatureSpec("text", 4), embed_dim=5)
     criterion = build_loss("infonce", temperature=0.1)    # a learnable temperature: DDP syncs it
-    return (LossModule(head, criterion), _batch(8, 5, 6, 1), _batch(8, 7, 4, 2),
+    return (LossModule(head, criterion), _batch(IMAGE_LENGTHS, 6, 1), _batch(TEXT_LENGTHS, 4, 2),
             torch.tensor(IMAGE_IDS))
 
 
@@ -69,11 +79,13 @@ def _worker(rank: int, port: int, features: str, out: str) -> None:
     dist.init_process_group("gloo")
     results: dict[str, Any] = {}
     rows = torch.arange(rank * 4, rank * 4 + 4)
-    for mode in ("encodings", "inputs"):
-        module, images, texts, ids = _parts()
-        module.world_size, module.gather = WORLD, mode
-        ddp = torch.nn.parallel.DistributedDataParallel(module)
-        results[mode] = _loss_and_grads(ddp, images.index(rows), texts.index(rows), ids[rows])
+    for name in HEADS:
+        for mode in ("encodings", "inputs"):
+            module, images, texts, ids = _parts(name)
+            module.world_size, module.gather = WORLD, mode
+            ddp = torch.nn.parallel.DistributedDataParallel(module)
+            results[name, mode] = _loss_and_grads(ddp, images.index(rows), texts.index(rows),
+                                                  ids[rows])
     summary = train(_config(Path(features)), Path(out) / "ddp", show_progress=False)
     results["history"] = summary.history
     torch.save(results, Path(out) / f"rank{rank}.pt")
@@ -99,16 +111,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[dic
 
 
 @pytest.mark.parametrize("mode", ["encodings", "inputs"])
+@pytest.mark.parametrize("name", HEADS)
 def test_two_processes_give_the_global_batch_loss_and_gradient(
-        runs: tuple[Path, Path, list[dict[str, Any]]], mode: str) -> None:
-    module, images, texts, ids = _parts()
+        runs: tuple[Path, Path, list[dict[str, Any]]], name: str, mode: str) -> None:
+    module, images, texts, ids = _parts(name)
     single = _loss_and_grads(module, images, texts, ids)
     for rank_result in runs[2]:
-        got = rank_result[mode]
+        got = rank_result[name, mode]
         assert torch.allclose(got["loss"], single["loss"], rtol=1e-5, atol=1e-6)
         assert got["grads"].keys() == single["grads"].keys()
-        for name, grad in single["grads"].items():
-            assert torch.allclose(got["grads"][name], grad, rtol=1e-4, atol=1e-6), name
+        for param, grad in single["grads"].items():
+            assert torch.allclose(got["grads"][param], grad, rtol=1e-4, atol=1e-6), param
 
 
 def test_a_ddp_run_equals_a_one_process_run(runs: tuple[Path, Path, list[dict[str, Any]]],
