@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cache.batch import TokenBatch  # noqa: E402
-from cache.datasets import EpochBatches, PairBatches, pair_loader  # noqa: E402
+from cache.datasets import EpochBatches, PairBatches  # noqa: E402
 from cache.store import ImageCache, TextCache  # noqa: E402
 from extract.backbones import create_image_encoder, create_text_encoder  # noqa: E402
 from extract.datasets import SplitIndex, load_rgb, load_split  # noqa: E402

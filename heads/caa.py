@@ -29,7 +29,8 @@ optimiser leaves it out, so it stays at its random initialisation).
 
 Other differences from the released code: M = floor(N*kappa*rho) from the cache's real patch count
 (the release hard-codes 28 patches per side, M = 13 instead of 122 for DINOv2-B/14 at 224 px); the
-loss schedule (CADR as released: VSE0 throughout) is a config choice (``loss.hardest_after_epochs``).
+loss schedule (CADR as released: VSE0 throughout) is a config choice
+(``loss.hardest_after_epochs``).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ from heads.laps import LapsHead
 
 
 def anchor_kernel(side: int) -> int:
-    """Strip length for a grid side: 2*floor(side/3)+1, at least 3 (11 for 16, 9 for 14, 5 for 7)."""
+    """Strip length for a grid side: 2*floor(side/3)+1, at least 3 (16 -> 11, 14 -> 9, 7 -> 5)."""
     return max(3, 2 * (side // 3) + 1)
 
 

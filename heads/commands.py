@@ -125,10 +125,10 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
               help="Report file (default: eval-<split>.json beside the checkpoint).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=int, help="Encoding batch (default: the checkpoint's).")
-@click.option("--rerank-topk", metavar="K|K_I2T,K_T2I",
+@click.option("--rerank-topk", "--topk", "rerank_topk", metavar="K|K_I2T,K_T2I",
               help="Two-stage retrieval: shortlist the top K per query by the coarse branch, "
                    "re-rank them with the checkpoint's (fine) branch; misses stay misses.")
-@click.option("--coarse-checkpoint", type=click.Path(dir_okay=False),
+@click.option("--coarse-checkpoint", "--shortlist", "coarse_checkpoint", type=click.Path(dir_okay=False),
               help="Coarse (embedding) head for --rerank-topk (default: --checkpoint itself, "
                    "in --coarse-mode).")
 @click.option("--coarse-mode", help="Inference branch of the coarse head, e.g. tgdt 'global'.")

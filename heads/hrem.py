@@ -50,7 +50,8 @@ from cache.batch import TokenBatch
 from cache.errors import InputError
 from heads import register_head
 from heads.base import Criterion, EmbeddingHead, Encoded, FeatureSpec, Progress
-from heads.layers import ResidualMLPProjection, TokenProjection, l2norm, masked_max, masked_mean, masked_topk_mean
+from heads.layers import (ResidualMLPProjection, TokenProjection, l2norm, masked_max, masked_mean,
+                          masked_topk_mean)
 from heads.token_sets import TokenTransformer
 
 NEG_INF = float("-inf")
@@ -71,7 +72,8 @@ class FragmentEncoder(nn.Module):
         self.residual_weight, self.pool_k = residual_weight, pool_k
 
     def forward(self, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """``tokens [B, N, D]``, ``mask`` -> (unit embeddings ``[B, E]``, fragments ``[B, N, E]``)."""
+        """``tokens [B, N, D]``, ``mask`` -> (unit embeddings ``[B, E]``, fragments
+        ``[B, N, E]``)."""
         fragments = self.projection(tokens, mask).masked_fill(~mask.unsqueeze(-1), 0)
         pooled = masked_topk_mean(fragments, mask, self.pool_k)
         related = masked_mean(self.relation(fragments, mask), mask)
@@ -141,7 +143,8 @@ class InstanceGraph(nn.Module):
         i2t_mean = masked_mean(per_region.flatten(0, 1).unsqueeze(-1), r_mask.flatten(0, 1))
         n_txt, n_img = per_word.shape[:2]
         return (t2i_mean.view(n_txt, n_img), topk_features(per_word, w_mask, self.topk),
-                i2t_mean.view(n_txt, n_img).t(), topk_features(per_region, r_mask, self.topk).transpose(0, 1))
+                i2t_mean.view(n_txt, n_img).t(),
+                topk_features(per_region, r_mask, self.topk).transpose(0, 1))
 
     def forward(self, img: Tensor, txt: Tensor, regions: Tensor, region_mask: Tensor,
                 words: Tensor, word_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -195,11 +198,13 @@ def dws_triplet_loss(scores: Tensor, image_ids: Tensor, margin: float = 0.2,
 def _dws_direction(sims: Tensor, positives: Tensor, margin: float, cutoff: float,
                    nonzero_cutoff: float, dim: int) -> Tensor:
     dist = (2 - 2 * sims.detach()).clamp(min=0).sqrt().clamp(min=cutoff)
-    log_weight = (2.0 - dim) * dist.log() - ((dim - 3.0) / 2.0) * (1 - dist.pow(2) / 4).clamp(min=1e-8).log()
+    log_weight = (2.0 - dim) * dist.log() \
+        - ((dim - 3.0) / 2.0) * (1 - dist.pow(2) / 4).clamp(min=1e-8).log()
     candidate = ~positives & (dist < nonzero_cutoff)
     log_weight = log_weight.masked_fill(~candidate, NEG_INF)
     has_candidate = candidate.any(dim=1, keepdim=True)
-    weight = torch.exp(log_weight - log_weight.amax(dim=1, keepdim=True).masked_fill(~has_candidate, 0))
+    row_max = log_weight.amax(dim=1, keepdim=True).masked_fill(~has_candidate, 0)
+    weight = torch.exp(log_weight - row_max)
     weight = torch.where(has_candidate, weight, torch.ones_like(weight))
     negatives = torch.multinomial(weight, sims.shape[1], replacement=True)   # one per (a, p) pair
     s_an = sims.gather(1, negatives)                                           # [B, B]: column p
@@ -230,7 +235,8 @@ class HremHead(EmbeddingHead):
                  margin: float = 0.2, dws_cutoff: float = 1.7, dws_dim: int = 512) -> None:
         super().__init__(image_spec, text_spec)
         if embed_dim % heads:
-            raise InputError(f"head 'hrem': embed_dim {embed_dim} is not divisible by {heads} heads")
+            raise InputError(f"head 'hrem': embed_dim {embed_dim} is not divisible by {heads} "
+                             "heads")
         if base_loss not in BASE_LOSSES:
             raise InputError(f"head 'hrem': base_loss must be one of {sorted(BASE_LOSSES)}, got "
                              f"{base_loss!r}")

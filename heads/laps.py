@@ -5,12 +5,13 @@ Pipeline per (image, caption) pair, see ``heads.patch_slimming``: project every 
 (CLS included) and every word to C = ``embed_dim``; select the K = ceil(rho*N) patches with the
 largest image saliency + caption relevance, fuse the rest into one token, aggregate the kept ones
 into M = floor(N*kappa*rho) tokens; score with the bidirectional word-patch max-mean alignment
-(``layers.max_mean_alignment``) against the visual set [CLS; aggregated; fused].
+against the visual set [CLS; aggregated; fused] (``layers.max_mean_alignment`` for aligned pairs,
+``patch_slimming.block_max_mean``, the same values computed caption-major, for blocks).
 
 N is the real number of spatial tokens of the cache (from its grid / token count), never a
-constant; the CLS token is kept when the cache declares prefix tokens (``FeatureSpec.prefix_tokens``,
-not guessed from a non-square token count; with register tokens only the first prefix token, the
-CLS, is kept).
+constant; the CLS token is kept when the cache declares prefix tokens
+(``FeatureSpec.prefix_tokens``, not guessed from a non-square token count; with register tokens
+only the first prefix token, the CLS, is kept).
 
 Differences from the released code (all explicit):
 
@@ -19,7 +20,9 @@ Differences from the released code (all explicit):
   ``heads.patch_slimming``. The released code's ratio loss is a constant (hard top-K of exactly K
   patches under no-grad) and is not implemented.
 * No backbone fine-tuning and no image augmentation (cached frozen features); the released loss
-  ramp over epoch 0 (warm_alpha) is the trainer's lr warm-up here.
+  ramp over epoch 0 (warm_alpha) is not reproduced (``optim.warmup_steps`` is the nearest knob).
+* The ``attention_weight`` argument of the release is unused there; here it is the score-network
+  mixing weight (only read with ``score_net``).
 * Scoring is vectorised over a block of captions x images (chunks of captions bound the memory)
   instead of a Python loop over captions; each image is encoded once.
 """
@@ -103,7 +106,8 @@ class LapsHead(InteractionHead):
 
     # ------------------------------------------------------------------ scoring
 
-    def _pair_grid(self, images: Encoded, texts: Encoded, paired: bool) -> tuple[Tensor, Tensor | None]:
+    def _pair_grid(self, images: Encoded, texts: Encoded,
+                   paired: bool) -> tuple[Tensor, Tensor | None]:
         """Scores of a grid of pairs: ``[c, I]`` for c captions x I images (``paired=False``) or
         ``[1, P]`` for aligned pairs; and the summed ratio-loss term (score network, training)."""
         relevance = caption_relevance(images["patches"], images["patch_norm"], texts["caption"],
@@ -142,7 +146,8 @@ class LapsHead(InteractionHead):
         columns, ratio = [], None
         for start, width in zip(starts, widths):
             chunk = {k: v[start:start + step] for k, v in texts.items()}
-            chunk["words"], chunk["word_mask"] = chunk["words"][:, :width], chunk["word_mask"][:, :width]
+            chunk["words"] = chunk["words"][:, :width]
+            chunk["word_mask"] = chunk["word_mask"][:, :width]
             scores, r = self._pair_grid(images, chunk, paired=False)
             columns.append(scores.transpose(0, 1))
             if r is not None:
@@ -150,7 +155,7 @@ class LapsHead(InteractionHead):
         return torch.cat(columns, dim=1), ratio
 
     def select(self, images: Encoded, texts: Encoded) -> Tensor:
-        """The kept patches of every caption x image pair: bool ``[n_txt, n_img, N]`` (inspection)."""
+        """The kept patches of every caption x image pair, bool ``[n_txt, n_img, N]``."""
         relevance = caption_relevance(images["patches"], images["patch_norm"], texts["caption"],
                                       paired=False)
         return self.slimming.selection(images, relevance)[0]

@@ -8,16 +8,19 @@ words of the caption:
    b_j = cos(p_j, mean_l w_l), s_j = a_j + b_j (+ any caption-independent prior, e.g. CAA's gate);
 2. selection: the K = ceil(rho*N) patches with the largest s_j; the N-K others are fused into one
    token f = sum_j softmax(s_dropped)_j p_j;
-3. aggregation: with G = MLP(p) (LayerNorm -> Linear(C->0.2C) -> GELU -> Linear(->M)) times a learned
-   scale, softmax over the K kept patches for each of the M outputs, Y_m = sum_k A_km p_k,
+3. aggregation: with G = MLP(p) (LayerNorm -> Linear(C->0.2C) -> GELU -> Linear(->M)) times a
+   learned scale, softmax over the K kept patches for each of the M outputs, Y_m = sum_k A_km p_k,
    M = floor(N*kappa*rho);
 4. the visual set [CLS; Y; f], each row L2-normalised.
 
 Everything caption-independent is computed once per image (``encode``): the saliency, the MLP logits
-G of every patch (the MLP is per token, so gathering G at the kept patches equals running it on them)
-and the score network's log-probabilities. ``visual_sets`` then works on a grid of pairs
-``[c captions, I images]`` with no Python loop: the K->M aggregation is one batched product of a
-``[c, I, N, M]`` weight tensor (zero outside the kept patches) with the image tokens.
+G of every patch (the MLP is per token, so gathering G at the kept patches equals running it on
+them) and the score network's log-probabilities. ``visual_sets`` then works on a grid of pairs
+``[c captions, I images]`` with no Python loop: the K->M aggregation is one batched product per
+image of a ``[c, N, M]`` weight tensor (zero outside the kept patches) with the image's tokens (N/K
+times the multiply-adds of gathering the kept patches, but large products instead of one tiny
+product per pair and no gathered copy of the tokens), and ``block_max_mean`` aligns each caption's
+words with the sets of all images in one product.
 
 Option ``score_net`` (off by default, as in the released code): the paper's learned score network
 (the DynamicViT-style predictor the authors posted in CrossmodalGroup/LAPS#4: LayerNorm ->
@@ -173,8 +176,8 @@ def set_tokens(images: Encoded, sets: VisualSets) -> tuple[Tensor, Tensor]:
     cls, cls_mask = _prefix(images, c)
     tokens = torch.cat([cls.unsqueeze(0).expand(c, -1, -1, -1), l2norm(sets.aggregated),
                         l2norm(sets.fused).unsqueeze(2)], dim=2)
-    mask = torch.cat([cls_mask, sets.fused_mask.new_ones(c, n_img, m), sets.fused_mask.unsqueeze(2)],
-                     dim=2)
+    ones = sets.fused_mask.new_ones(c, n_img, m)
+    mask = torch.cat([cls_mask, ones, sets.fused_mask.unsqueeze(2)], dim=2)
     return tokens, mask
 
 

@@ -16,3 +16,15 @@ def shared_data() -> Path:
         pytest.skip(f"real data not found at {SHARED_DATA} (../shared/data beside the repo); "
                     "this test needs Flickr8k")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module of tiny forwards (OpenMP spin-waiting on a shared
+    2-core machine costs more than it gains); results are unchanged."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,8 +11,9 @@ from cache.datasets import (EpochBatches, PairBatches, TokenDrop, caption_batche
                             resolve_preload)
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
-from tests.heads.synthetic_caches import one_thread  # noqa: F401 (autouse fixture)
 from tests.heads.synthetic_caches import write_split
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,7 @@ from extract.demo_data import generate_demo_data
 from tests.extract.cli_helpers import CLI_PY, REPO_ROOT, run_cli, save_tiny_models
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny forwards: one thread avoids OpenMP spin-waiting on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

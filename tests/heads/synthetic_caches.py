@@ -13,22 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 
 from cache.store import CacheAttrs, ImageCacheWriter, TextCacheWriter, default_cache_path
 
 IMAGE_TAG, TEXT_TAG = "synimg", "syntxt"
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    """Tiny models run far faster on one intra-op thread on a shared, loaded CPU (import this
-    fixture into a test module to use it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)

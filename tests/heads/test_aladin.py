@@ -24,13 +24,7 @@ SMALL = dict(embed_dim=16, teacher_ff_dim=32, student_ff_dim=16, teacher_layers=
 CRITERION = HingeLoss(margin=0.2, hardest_after_epochs=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine is shared: one intra-op thread avoids thrashing (results are unchanged)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

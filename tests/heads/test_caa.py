@@ -65,7 +65,8 @@ def naive_gate(caa: ContextAnchorAttention, patches: torch.Tensor) -> torch.Tens
                         if 0 <= rr < h and 0 <= qq < w:
                             out[:, r, q] += conv.weight[:, 0, dr, dq] * y[:, rr, qq]
         y = out
-    gate = torch.einsum("oc,chw->ohw", caa.conv2.weight[:, :, 0, 0], y) + caa.conv2.bias[:, None, None]
+    gate = torch.einsum("oc,chw->ohw", caa.conv2.weight[:, :, 0, 0], y)
+    gate = gate + caa.conv2.bias[:, None, None]
     return torch.sigmoid(gate).reshape(-1, h * w).t()
 
 
@@ -101,7 +102,8 @@ def test_gate_matches_naive_loops(channels):
         _, _, patches, mask = head.project_images(images)
         got = head.gate(patches, mask)
         for i in range(len(images)):
-            torch.testing.assert_close(got[i], naive_gate(head.caa, patches[i]), rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(got[i], naive_gate(head.caa, patches[i]), rtol=1e-10,
+                                       atol=1e-10)
     assert got.shape[-1] == (1 if channels == "one" else 8)
 
 
@@ -156,7 +158,8 @@ def test_gradient_reaches_every_parameter_including_the_gate(options):
     loss, _ = head.training_loss(images, texts, image_of, HingeLoss(hardest_after_epochs=None),
                                  Progress(epoch=0, step=0, steps_per_epoch=10))
     loss.backward()
-    missing = [n for n, p in head.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    missing = [n for n, p in head.named_parameters()
+               if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, missing
     assert head.caa.conv2.weight.grad.abs().sum() > 0
 

@@ -10,8 +10,9 @@ import pytest
 import cli
 from heads.checkpoint import load_checkpoint
 from heads.linear import LinearHead
-from tests.heads.synthetic_caches import one_thread  # noqa: F401 (autouse fixture)
 from tests.heads.synthetic_caches import config_overrides, write_dataset, write_split
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],

@@ -24,11 +24,12 @@ from heads.config import load_config
 from heads.losses import build_loss
 from heads.distributed import LossModule
 from heads.train import train
-from tests.heads.synthetic_caches import one_thread  # noqa: F401 (autouse fixture)
 from tests.heads.synthetic_caches import config_overrides, write_dataset
 
 WORLD = 2
 IMAGE_IDS = [0, 0, 1, 2, 3, 3, 4, 5]       # two captions of image 0 and of image 3
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(lengths: list[int], dim: int, seed: int) -> TokenBatch:

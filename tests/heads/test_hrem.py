@@ -28,7 +28,8 @@ def make_head(world: SyntheticWorld, **options) -> HremHead:
 
 def naive_embedding(encoder, tokens: torch.Tensor) -> torch.Tensor:
     """One item, valid tokens only (eval mode): 0.8 * max-2 + 0.2 * mean(transformer), L2."""
-    fragments = encoder.projection(tokens.unsqueeze(0), torch.ones(1, len(tokens), dtype=torch.bool))[0]
+    valid = torch.ones(1, len(tokens), dtype=torch.bool)
+    fragments = encoder.projection(tokens.unsqueeze(0), valid)[0]
     top2 = fragments.topk(min(2, len(fragments)), dim=0).values.mean(0)
     related = encoder.relation.layers[0](fragments.unsqueeze(0))[0].mean(0)
     return F.normalize(0.8 * top2 + 0.2 * related, dim=-1)
@@ -123,7 +124,8 @@ def test_gradient_reaches_every_parameter_after_warm_up(base_loss):
     head = make_head(world, base_loss=base_loss).train()
     loss, logs = head.training_loss(images, texts, image_of, HingeLoss(), Progress(1, 10, 10))
     loss.backward()
-    missing = [n for n, p in head.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    missing = [n for n, p in head.named_parameters()
+               if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, missing
     assert logs["reg"] >= 0
 

@@ -22,7 +22,8 @@ TEXT = FeatureSpec("text", 12, encoder="synthetic")
 
 
 def image_spec(grid=(4, 4), prefix=1, dim=16, suffix=0) -> FeatureSpec:
-    return FeatureSpec("image", dim, encoder="synthetic", prefix_tokens=prefix, suffix_tokens=suffix,
+    return FeatureSpec("image", dim, encoder="synthetic", prefix_tokens=prefix,
+                       suffix_tokens=suffix,
                        num_tokens=prefix + grid[0] * grid[1] + suffix, grid=grid)
 
 
@@ -94,8 +95,26 @@ def test_block_score_matches_naive_per_pair_loop(score_net):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)  # eps conventions
 
 
+def test_no_prefix_cache_matches_naive_loop():
+    """A Swin-like cache (grid, no CLS): the visual set is [aggregated; fused] only."""
+    world, images, texts, _ = make_data(seed=3, n_images=3)
+    spec = image_spec((4, 4), prefix=0, dim=world.image_spec.dim)
+    images = TokenBatch(images.tokens[:, 1:], images.mask[:, 1:])
+    head = LapsHead(spec, world.text_spec, embed_dim=16, keep_ratio=0.5).double().eval()
+    assert head.num_prefix == 0
+    with torch.no_grad():
+        img, txt = head.encode_images(images), head.encode_texts(texts)
+        block = head.score(img, txt)
+        want = naive_laps_scores(head, images, texts)
+        rows_i = torch.arange(len(images)).repeat_interleave(len(texts))
+        rows_t = torch.arange(len(texts)).repeat(len(images))
+        pairs = head.score_pairs(index_encoded(img, rows_i), index_encoded(txt, rows_t))
+    torch.testing.assert_close(block, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(pairs.view_as(block), block, rtol=1e-10, atol=1e-10)
+
+
 def test_chunking_and_score_pairs_agree_with_the_block():
-    world, images, texts, _ = make_data(seed=1, n_images=5, captions=3)
+    world, images, texts, _ = make_data(seed=1, n_images=4, captions=2)
     head = LapsHead(world.image_spec, world.text_spec, embed_dim=24).double().eval()
     with torch.no_grad():
         img, txt = head.encode_images(images), head.encode_texts(texts)
@@ -148,7 +167,8 @@ def test_gradient_reaches_every_parameter(score_net):
     loss, logs = head.training_loss(images, texts, image_of, HingeLoss(hardest_after_epochs=None),
                                     Progress(epoch=0, step=0, steps_per_epoch=10))
     loss.backward()
-    missing = [n for n, p in head.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    missing = [n for n, p in head.named_parameters()
+               if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, missing
     assert ("ratio" in logs) == score_net
 

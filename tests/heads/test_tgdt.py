@@ -18,13 +18,7 @@ from tests.heads.token_family_data import FramedWorld, recall_at_1, sample, trai
 SMALL = dict(embed_dim=16, ff_dim=32, local_layers=1, global_layers=1, heads=2, dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine is shared: one intra-op thread avoids thrashing (results are unchanged)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,10 @@ from heads.linear import LinearHead
 from heads.losses import build_loss
 from heads.train import (NonFiniteLossError, Trainer, evaluate_split, lr_factor, param_groups,
                          train)
-from tests.heads.synthetic_caches import one_thread  # noqa: F401 (autouse fixture)
 from tests.heads.synthetic_caches import (IMAGE_TAG, TEXT_TAG, World, config_overrides,
                                           write_dataset, write_split)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
