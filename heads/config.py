@@ -58,6 +58,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "batch_size": 256,            # encoding batch
         "image_block": None,          # scoring block sizes (None: the evaluator's defaults)
         "caption_block": None,
+        "dev_images": None,           # dev evaluation during training on the first N images and
+                                      # their captions only (None: the whole dev split)
     },
     "run": {
         "seed": 0,
@@ -284,6 +286,14 @@ def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
                                 ("run", "threads", 0), ("data", "num_workers", 0)):
         if out[section][key] < least:
             raise InputError(f"{source}: '{section}.{key}' must be at least {least}")
+    dev_images = out["eval"]["dev_images"]
+    if dev_images is not None:
+        if not isinstance(dev_images, int) or isinstance(dev_images, bool) or dev_images < 1:
+            raise InputError(f"{source}: 'eval.dev_images' must be a positive number of images or "
+                             f"null, got {dev_images!r}")
+        if out["eval"]["protocol"] != "full":
+            raise InputError(f"{source}: 'eval.dev_images' needs eval.protocol 'full', got "
+                             f"{out['eval']['protocol']!r}")
     if not all(isinstance(m, int) and not isinstance(m, bool) for m in out["optim"]["milestones"]):
         raise InputError(f"{source}: 'optim.milestones' must be a list of epochs (integers)")
     for key in ("image", "text"):

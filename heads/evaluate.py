@@ -20,8 +20,8 @@ from torch import Tensor
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from heads.base import Encoded, Head, index_encoded, num_items
-from heads.metrics import (Subset, local_caption_image, mean_metrics, protocol_metrics,
-                           protocol_subsets, recall_metrics)
+from heads.metrics import (Subset, fold_indices, local_caption_image, mean_metrics,
+                           protocol_metrics, protocol_subsets, recall_metrics)
 from heads.rerank import FineScorer, rerank
 from heads.scoring import (DEFAULT_CAPTION_BLOCK, DEFAULT_IMAGE_BLOCK, DEFAULT_PAIR_BATCH,
                            encode_cache, score_pairs, similarity_matrix, synchronize)
@@ -80,17 +80,24 @@ def _timed(seconds: dict[str, float], stage: str, device: torch.device, start: f
 def evaluate(head: Head, image_cache: ImageCache, text_cache: TextCache, protocol: str = "full",
              device: torch.device | str = "cpu", image_block: int = DEFAULT_IMAGE_BLOCK,
              caption_block: int = DEFAULT_CAPTION_BLOCK, batch_size: int = 256,
-             save_sims: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+             save_sims: str | Path | None = None, progress: bool = False,
+             max_images: int | None = None) -> dict[str, Any]:
     """Score every pair of each gallery of ``protocol`` with the head's active branch.
 
     Returns ``metrics`` (``heads.metrics.METRIC_KEYS``, averaged over the galleries), ``seconds``
     per stage (encode, score, metrics), ``pairs_scored``, the split size, the branch used and the
-    device. ``save_sims`` writes a ``.npz`` with ``sims_<g>``, ``image_rows_<g>``,
+    device. ``max_images`` (protocol "full" only) evaluates one gallery of the split's first
+    ``max_images`` images and their captions instead of the whole split. ``save_sims`` writes a
+    ``.npz`` with ``sims_<g>``, ``image_rows_<g>``,
     ``caption_rows_<g>`` per gallery g and the split's ``caption_image``.
     """
     device = torch.device(device)
     caption_image = check_pairing(image_cache, text_cache)
+    if max_images is not None and protocol != "full":
+        raise InputError(f"max_images needs protocol 'full', got {protocol!r}")
     subsets = protocol_subsets(len(image_cache), caption_image, protocol, source=str(text_cache.path))
+    if max_images is not None and max_images < len(image_cache):
+        subsets = [fold_indices(caption_image, 0, max_images)]
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     img_enc = encode_cache(head, image_cache, device, batch_size, progress)

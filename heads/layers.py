@@ -46,10 +46,12 @@ def _expand(mask: Tensor, like: Tensor) -> Tensor:
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean of the valid vectors: ``x [B, N, D]``, ``mask [B, N]`` -> ``[B, D]`` (zeros where a row
-    has no valid vector)."""
-    m = _expand(mask, x)
+    has no valid vector). One batched matrix product with the mask as weights, so padding entries
+    must be finite (cache padding and every layer output here are)."""
     count = mask.sum(dim=1, keepdim=True).clamp(min=1).to(x.dtype)
-    return x.masked_fill(~m, 0).sum(dim=1) / count
+    weights = mask.to(x.dtype).unsqueeze(1)                                          # [B, 1, N]
+    return torch.bmm(weights, x.reshape(x.shape[0], x.shape[1], -1)).reshape(
+        x.shape[0], *x.shape[2:]) / count
 
 
 def masked_max(x: Tensor, mask: Tensor, dim: int) -> Tensor:
@@ -111,9 +113,10 @@ class GPO(nn.Module):
     ``sum_k theta_k * sorted_k``. The weights depend on N only.
 
     Variable lengths without packing (no host sync): the forward direction is causal, so one run on
-    the codes serves every length; the backward direction runs forward-in-time over each row's codes
-    reversed within its own length (valid codes first, so padding comes after them and cannot reach
-    them), then is flipped back. The two directions are two unidirectional GRUs, equivalent to one
+    the codes serves every length; the backward direction runs forward-in-time over the codes
+    reversed within each possible set size (valid codes first, so padding comes after them and
+    cannot reach them), then is flipped back. The weights are computed once per set size (a table
+    of ``width + 1`` rows) and indexed by each row's length, never once per batch row. The two directions are two unidirectional GRUs, equivalent to one
     ``nn.GRU(bidirectional=True)``.
     """
 
@@ -124,17 +127,24 @@ class GPO(nn.Module):
         self.gru_backward = nn.GRU(d_pe, d_hidden, batch_first=True)
         self.score = nn.Linear(d_hidden, 1, bias=False)
 
+    def weight_table(self, width: int, device: torch.device) -> Tensor:
+        """Pooling weights of every set size: row n of ``[width + 1, width]`` holds the weights over
+        sorted positions for a set of n valid vectors (0 beyond n). The weights depend on n only,
+        so the GRUs run over ``width + 1`` rows whatever the batch size."""
+        codes = sinusoid_codes(width, self.d_pe, device)                             # [T, d]
+        steps = torch.arange(width, device=device)
+        sizes = torch.arange(width + 1, device=device)
+        forward_h = self.gru_forward(codes.unsqueeze(0))[0]                          # [1, T, h]
+        reverse = (sizes.unsqueeze(1) - 1 - steps).clamp(min=0)                      # [T+1, T]
+        backward_run = self.gru_backward(codes[reverse])[0]                          # [T+1, T, h]
+        backward_h = backward_run.gather(1, reverse.unsqueeze(-1).expand_as(backward_run))
+        z = self.score((forward_h + backward_h) / 2).squeeze(-1).float()            # [T+1, T]
+        z = z.masked_fill(steps.unsqueeze(0) >= sizes.unsqueeze(1), -10000.0)
+        return torch.softmax(z / self.temperature, dim=1)
+
     def pool_weights(self, lengths: Tensor, width: int) -> Tensor:
         """Weights ``[B, width]`` over sorted positions for sets of ``lengths [B]`` (0 beyond)."""
-        codes = sinusoid_codes(width, self.d_pe, lengths.device)                     # [T, d]
-        steps = torch.arange(width, device=lengths.device)
-        forward_h = self.gru_forward(codes.unsqueeze(0))[0]                          # [1, T, h]
-        reverse = (lengths.unsqueeze(1) - 1 - steps).clamp(min=0)                    # [B, T]
-        backward_run = self.gru_backward(codes[reverse])[0]                          # [B, T, h]
-        backward_h = backward_run.gather(1, reverse.unsqueeze(-1).expand_as(backward_run))
-        z = self.score((forward_h + backward_h) / 2).squeeze(-1).float()            # [B, T]
-        z = z.masked_fill(steps.unsqueeze(0) >= lengths.unsqueeze(1), -10000.0)
-        return torch.softmax(z / self.temperature, dim=1)
+        return self.weight_table(width, lengths.device)[lengths]
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """Pool ``x [B, N, D]`` over its valid vectors (``mask [B, N]``) -> ``[B, D]``."""

@@ -122,13 +122,15 @@ def _note(message: str, dist_info: Dist) -> None:
 
 def evaluate_split(head: Head, images: ImageCache, texts: TextCache, eval_cfg: dict[str, Any],
                    device: torch.device, protocol: str | None = None) -> dict[str, Any]:
-    """Metrics of ``head`` on one split through ``heads.evaluate.evaluate`` (eval mode, no grad)."""
+    """Metrics of ``head`` on one split through ``heads.evaluate.evaluate`` (eval mode, no grad);
+    ``eval.dev_images`` limits the gallery to the split's first images (cheaper model selection
+    for interaction heads, whose cost grows with images x captions)."""
     from heads.evaluate import evaluate
 
     options = {k: eval_cfg[k] for k in ("batch_size", "image_block", "caption_block")
                if eval_cfg.get(k) is not None}
     return evaluate(head, images, texts, protocol=protocol or eval_cfg["protocol"], device=device,
-                    **options)
+                    max_images=eval_cfg.get("dev_images"), **options)
 
 
 # ------------------------------------------------------------------------------------- the run

@@ -58,6 +58,8 @@ def test_head_flag_replaces_the_head(config_file: Path) -> None:
     ("run.amp=1", "run.amp"),
     ("optim.lr.x=1", "optim.lr"),
     ("run.threads=-1", "run.threads"),
+    ("eval.dev_images=0", "eval.dev_images"),
+    ("eval.dev_images=half", "eval.dev_images"),
 ])
 def test_bad_overrides_name_the_key_and_the_file(config_file: Path, override: str,
                                                  needle: str) -> None:

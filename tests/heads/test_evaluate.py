@@ -180,6 +180,23 @@ def test_evaluate_matches_direct_metrics(split, tmp_path: Path) -> None:
     assert saved["caption_image"].tolist() == text.image_index.tolist()
 
 
+def test_max_images_evaluates_the_first_images_and_their_captions(split) -> None:
+    image, text = split
+    head = TinyInteraction(*specs(image, text)).eval()
+    result = evaluate(head, image, text, max_images=5, image_block=3, caption_block=4)
+    img_enc, txt_enc = encode_cache(head, image, "cpu"), encode_cache(head, text, "cpu")
+    with torch.inference_mode():
+        direct = head.score(img_enc, txt_enc)
+    caption_image = torch.from_numpy(text.image_index).long()
+    captions = torch.nonzero(caption_image < 5).squeeze(1)
+    assert 0 < captions.numel() < len(text)
+    assert result["metrics"] == recall_metrics(direct[:5][:, captions], caption_image[captions])
+    assert result["pairs_scored"] == 5 * captions.numel()
+    assert evaluate(head, image, text, max_images=100)["pairs_scored"] == 12 * 36
+    with pytest.raises(InputError, match="max_images needs protocol 'full'"):
+        evaluate(head, image, text, protocol="coco5k", max_images=5)
+
+
 def test_pairing_checks_name_both_files(tmp_path: Path) -> None:
     image, _ = write_split(tmp_path / "a", n_img=4, caps_per_image=1)
     _, text = write_split(tmp_path / "b", n_img=6, caps_per_image=1)
