@@ -132,7 +132,9 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
               help="Coarse (embedding) head for --rerank-topk (default: --checkpoint itself, "
                    "in --coarse-mode).")
 @click.option("--coarse-mode", help="Inference branch of the coarse head, e.g. tgdt 'global'.")
-@click.option("--fine-mode", help="Inference branch of the fine head, e.g. tgdt 'local'.")
+@click.option("--mode", "--fine-mode", "fine_mode",
+              help="Inference branch of the checkpoint's head, e.g. tgdt 'global' or 'local', "
+                   "aladin 'student' or 'teacher' (with --rerank-topk: the fine branch).")
 @click.option("--fuse-weight", type=float, default=0.0, show_default=True,
               help="Re-rank the shortlist by fine + WEIGHT * coarse.")
 def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str | None,
@@ -144,6 +146,7 @@ def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str 
     \b
     cli eval --checkpoint runs/f8k_vse/best.pt --split test
     cli eval --checkpoint runs/coco_vse/best.pt --split testall --protocol coco1k
+    cli eval --checkpoint runs/f30k_tgdt/best.pt --mode global
     cli eval --checkpoint runs/f30k_tgdt/best.pt --rerank-topk 50,100 --coarse-mode global \
         --fine-mode local
     cli eval --checkpoint runs/f30k_scan/best.pt --rerank-topk 50 \
@@ -167,6 +170,13 @@ def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str 
                       protocol or eval_cfg["protocol"], batch_size or eval_cfg["batch_size"],
                       json_out, options)
         return
+    two_stage_only = {"--coarse-checkpoint": coarse_checkpoint, "--coarse-mode": coarse_mode,
+                      "--fuse-weight": fuse_weight or None}
+    given = [name for name, value in two_stage_only.items() if value is not None]
+    if given:
+        raise InputError(f"{', '.join(given)} only apply to two-stage retrieval; add --rerank-topk K")
+    if fine_mode is not None:
+        head.set_mode(fine_mode)
     result = run_evaluation(head, image_cache, text_cache,
                             protocol=protocol or eval_cfg["protocol"], device=torch_device,
                             batch_size=batch_size or eval_cfg["batch_size"], save_sims=save_sims,

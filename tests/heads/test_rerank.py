@@ -183,29 +183,33 @@ def test_parse_topk() -> None:
             parse_topk(bad)
 
 
+def _save_head(path: Path, name: str, image, text) -> Path:
+    """A train-head style checkpoint of a freshly built head on the synthetic split."""
+    from heads.checkpoint import FORMAT_VERSION, feature_identity, save_checkpoint
+
+    torch.manual_seed(0)
+    head = build_head(name, *specs(image, text), embed_dim=8)
+    save_checkpoint({
+        "format": FORMAT_VERSION, "head_name": name, "head_options": {"embed_dim": 8},
+        "image_spec": specs(image, text)[0].to_dict(),
+        "text_spec": specs(image, text)[1].to_dict(),
+        "features": {"image": feature_identity(image), "text": feature_identity(text)},
+        "model": head.state_dict(), "epoch": 0, "step": 0,
+        "config": {"data": {"test_split": "test", "features": str(path.parent), "dataset": "syn",
+                            "image": "synthetic", "text": "synthetic"},
+                   "eval": {"protocol": "full", "batch_size": 8}}}, path)
+    return path
+
+
 def test_eval_command_two_stage(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from heads.checkpoint import FORMAT_VERSION, feature_identity, save_checkpoint
     from heads.commands import evaluate as eval_command
 
     image, text = write_split(tmp_path)
     if not {"vse", "scan"} <= set(list_heads()):
         pytest.skip("needs the vse and scan heads")
-    paths = {}
-    for name in ("vse", "scan"):
-        torch.manual_seed(0)
-        head = build_head(name, *specs(image, text), embed_dim=8)
-        paths[name] = tmp_path / f"{name}.pt"
-        save_checkpoint({
-            "format": FORMAT_VERSION, "head_name": name, "head_options": {"embed_dim": 8},
-            "image_spec": specs(image, text)[0].to_dict(),
-            "text_spec": specs(image, text)[1].to_dict(),
-            "features": {"image": feature_identity(image), "text": feature_identity(text)},
-            "model": head.state_dict(), "epoch": 0, "step": 0,
-            "config": {"data": {"test_split": "test", "features": str(tmp_path), "dataset": "syn",
-                                "image": "synthetic", "text": "synthetic"},
-                       "eval": {"protocol": "full", "batch_size": 8}}}, paths[name])
+    paths = {name: _save_head(tmp_path / f"{name}.pt", name, image, text) for name in ("vse", "scan")}
     report = tmp_path / "report.json"
     result = CliRunner().invoke(eval_command, [
         "--checkpoint", str(paths["scan"]), "--coarse-checkpoint", str(paths["vse"]),
@@ -216,6 +220,30 @@ def test_eval_command_two_stage(tmp_path: Path) -> None:
     saved = __import__("json").loads(report.read_text())
     assert saved["topk"] == {"i2t": 5, "t2i": 3} and saved["pairs_scored"] < 12 * 36
     assert saved["coarse_checkpoint"] == str(paths["vse"])
+
+
+def test_eval_command_mode_selects_the_branch(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from heads.commands import evaluate as eval_command
+
+    image, text = write_split(tmp_path)
+    if "tgdt" not in list_heads():
+        pytest.skip("needs the tgdt head")
+    checkpoint = _save_head(tmp_path / "tgdt.pt", "tgdt", image, text)
+    base = ["--checkpoint", str(checkpoint), "--images", str(image.path), "--texts",
+            str(text.path), "--device", "cpu"]
+    reports = {}
+    for mode in ("global", "local"):
+        out = tmp_path / f"{mode}.json"
+        result = CliRunner().invoke(eval_command, base + ["--mode", mode, "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        reports[mode] = __import__("json").loads(out.read_text())
+    assert reports["global"]["mode"] == "global" and reports["global"]["score_kind"] == "embedding"
+    assert reports["local"]["mode"] == "local" and reports["local"]["score_kind"] == "interaction"
+    assert reports["global"]["metrics"] != reports["local"]["metrics"]
+    result = CliRunner().invoke(eval_command, base + ["--coarse-mode", "global"])
+    assert result.exit_code != 0 and "add --rerank-topk" in str(result.exception)
 
 
 def test_unknown_mode_fails_early(tmp_path: Path) -> None:
