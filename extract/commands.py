@@ -102,6 +102,8 @@ def extract(backbone: str | None, weights: str | None, layer: int, resolution: i
     if text_encoder and text_encoder not in list_text_encoders():
         raise InputError(f"unknown text encoder {text_encoder!r}; available: "
                          f"{', '.join(list_text_encoders())}")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be >= 1, got {threads}")
     targets = [(modality, name, runner.output_path(out, dataset, split, modality, t or name), split)
                for split in splits
                for modality, name, t in (("image", backbone, tag), ("text", text_encoder, text_tag))
@@ -120,8 +122,6 @@ def extract(backbone: str | None, weights: str | None, layer: int, resolution: i
 
     shard = runner.shard_from_env(rank, world_size)
     if threads is not None:
-        if threads < 1:
-            raise InputError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     options = RunOptions(batch_size=batch_size, workers=workers,
                          device=runner.resolve_device(device), overwrite=overwrite,

@@ -64,7 +64,7 @@ def _mode(head: Head, mode: str | None) -> Iterator[Head]:
 
 
 def _gallery(enc: Encoded, rows: Tensor) -> Encoded:
-    """The encodings of a gallery's rows (no copy when the gallery is the whole split)."""
+    """The encodings at positions ``rows`` of ``enc`` (no copy when they are all of them)."""
     if rows.numel() == num_items(enc):
         return enc
     return index_encoded(enc, rows.to(next(iter(enc.values())).device))
@@ -87,8 +87,8 @@ def evaluate(head: Head, image_cache: ImageCache, text_cache: TextCache, protoco
     Returns ``metrics`` (``heads.metrics.METRIC_KEYS``, averaged over the galleries), ``seconds``
     per stage (encode, score, metrics), ``pairs_scored``, the split size, the branch used and the
     device. ``max_images`` (protocol "full" only) evaluates one gallery of the split's first
-    ``max_images`` images and their captions instead of the whole split. ``save_sims`` writes a
-    ``.npz`` with ``sims_<g>``, ``image_rows_<g>``,
+    ``max_images`` images and their captions instead of the whole split; only the rows of the
+    galleries are encoded. ``save_sims`` writes a ``.npz`` with ``sims_<g>``, ``image_rows_<g>``,
     ``caption_rows_<g>`` per gallery g and the split's ``caption_image``.
     """
     device = torch.device(device)
@@ -98,12 +98,15 @@ def evaluate(head: Head, image_cache: ImageCache, text_cache: TextCache, protoco
     subsets = protocol_subsets(len(image_cache), caption_image, protocol, source=str(text_cache.path))
     if max_images is not None and max_images < len(image_cache):
         subsets = [fold_indices(caption_image, 0, max_images)]
+    image_rows = torch.unique(torch.cat([images for images, _ in subsets]))     # sorted
+    caption_rows = torch.unique(torch.cat([captions for _, captions in subsets]))
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    img_enc = encode_cache(head, image_cache, device, batch_size, progress)
-    txt_enc = encode_cache(head, text_cache, device, batch_size, progress)
+    img_enc = encode_cache(head, image_cache, device, batch_size, progress, image_rows.numpy())
+    txt_enc = encode_cache(head, text_cache, device, batch_size, progress, caption_rows.numpy())
     start = _timed(seconds, "encode", device, start)
-    matrices = [similarity_matrix(head, _gallery(img_enc, images), _gallery(txt_enc, captions),
+    matrices = [similarity_matrix(head, _gallery(img_enc, torch.searchsorted(image_rows, images)),
+                                  _gallery(txt_enc, torch.searchsorted(caption_rows, captions)),
                                   device, image_block, caption_block, progress)
                 for images, captions in subsets]
     start = _timed(seconds, "score", device, start)

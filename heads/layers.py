@@ -116,8 +116,8 @@ class GPO(nn.Module):
     the codes serves every length; the backward direction runs forward-in-time over the codes
     reversed within each possible set size (valid codes first, so padding comes after them and
     cannot reach them), then is flipped back. The weights are computed once per set size (a table
-    of ``width + 1`` rows) and indexed by each row's length, never once per batch row. The two directions are two unidirectional GRUs, equivalent to one
-    ``nn.GRU(bidirectional=True)``.
+    of ``width + 1`` rows) and indexed by each row's length, never once per batch row. The two
+    directions are two unidirectional GRUs, equivalent to one ``nn.GRU(bidirectional=True)``.
     """
 
     def __init__(self, d_pe: int = 32, d_hidden: int = 32, temperature: float = 0.1) -> None:

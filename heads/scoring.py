@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -47,8 +48,10 @@ def synchronize(device: torch.device) -> None:
 
 
 def encode_cache(head: Head, cache: ImageCache | TextCache, device: torch.device | str,
-                 batch_size: int = 256, progress: bool = False) -> Encoded:
-    """Encode every row of an image or text cache once, in order; the result stays on ``device``.
+                 batch_size: int = 256, progress: bool = False,
+                 rows: np.ndarray | None = None) -> Encoded:
+    """Encode every row of an image or text cache once, in order (or only ``rows``, in their
+    order); the result stays on ``device``.
 
     The fp16 cached tokens are moved to the device as stored and cast to float32 there.
     """
@@ -58,9 +61,10 @@ def encode_cache(head: Head, cache: ImageCache | TextCache, device: torch.device
     encode = head.encode_images if cache.attrs.modality == "image" else head.encode_texts
     head.to(device)
     parts: list[Encoded] = []
-    batches = token_batches(cache, batch_size)
+    count = len(cache) if rows is None else len(rows)
+    batches = token_batches(cache, batch_size, rows)
     with inference(head, device):
-        for _, batch in tqdm(batches, total=-(-len(cache) // batch_size), disable=not progress,
+        for _, batch in tqdm(batches, total=-(-count // batch_size), disable=not progress,
                              desc=f"encode {cache.attrs.modality}s", leave=False):
             batch = batch.to(device)
             parts.append(encode(TokenBatch(batch.tokens.float(), batch.mask)))

@@ -193,8 +193,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(demo, tmp_path):
                                cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
     partial = partial_path(killed_out / "f30k" / "train" / "image-efficientnet_lite0.h5")
-    deadline = time.monotonic() + 120
-    while process.poll() is None and time.monotonic() < deadline:
+    while process.poll() is None:  # kill on an event (rows committed), never on a clock
         if partial.exists() and _rows_committed(partial) >= 4:
             process.send_signal(signal.SIGKILL)
             break
@@ -307,13 +306,15 @@ def test_unknown_backbone_and_missing_weights_folder(demo, tmp_path):
     assert code == 2 and f"{tmp_path / 'nowhere'}" in message and "does not exist" in message
     code, message = run_cli(*base, "--split", "dev")
     assert code == 2 and "--backbone" in message
+    code, message = run_cli(*base, "--backbone", "efficientnet_lite0", "--threads", 0)
+    assert code == 2 and message == "--threads must be >= 1, got 0"
 
 
 def test_cli_py_prints_one_line_and_exits_2(demo, tmp_path):
     """Through a real subprocess: the user sees one line on stderr and exit status 2."""
     process = subprocess.run(
         CLI_PY + ["extract", "--backbone", "nope", "--dataset", "f30k", "--data-path", str(demo)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        cwd=REPO_ROOT, capture_output=True, text=True)
     assert process.returncode == 2
     assert process.stderr.strip().splitlines() == [
         process.stderr.strip()] and "unknown image encoder 'nope'" in process.stderr

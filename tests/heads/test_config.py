@@ -99,6 +99,13 @@ def test_parse_override() -> None:
     assert apply_overrides({}, ["optim.lr_mult.text_fc=0.1"]) == {"optim": {"lr_mult": {"text_fc": 0.1}}}
 
 
+def test_dev_images_needs_the_full_protocol(config_file: Path) -> None:
+    with pytest.raises(InputError, match=r"'eval.dev_images' needs eval.protocol 'full', got "
+                                         r"'coco1k'") as err:
+        load_config(config_file, ["eval.dev_images=500", "eval.protocol=coco1k"])
+    assert str(config_file) in str(err.value)
+
+
 def test_resolved_config_round_trips(config_file: Path, tmp_path: Path) -> None:
     cfg = load_config(config_file, ["loss.name=infonce", "loss.temperature=0.05"])
     save_config(cfg, tmp_path / "resolved.yaml")

@@ -193,6 +193,11 @@ def test_max_images_evaluates_the_first_images_and_their_captions(split) -> None
     assert result["metrics"] == recall_metrics(direct[:5][:, captions], caption_image[captions])
     assert result["pairs_scored"] == 5 * captions.numel()
     assert evaluate(head, image, text, max_images=100)["pairs_scored"] == 12 * 36
+    encoded: list[int] = []
+    encode_images = head.encode_images
+    head.encode_images = lambda batch: encoded.append(len(batch.tokens)) or encode_images(batch)
+    evaluate(head, image, text, max_images=5)
+    assert sum(encoded) == 5                    # only the gallery's images are encoded
     with pytest.raises(InputError, match="max_images needs protocol 'full'"):
         evaluate(head, image, text, protocol="coco5k", max_images=5)
 
