@@ -137,10 +137,14 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
                    "aladin 'student' or 'teacher' (with --rerank-topk: the fine branch).")
 @click.option("--fuse-weight", type=float, default=0.0, show_default=True,
               help="Re-rank the shortlist by fine + WEIGHT * coarse.")
+@click.option("--max-images", type=click.IntRange(min=1), metavar="N",
+              help="One gallery of the split's first N images and their captions (protocol "
+                   "full): the gallery eval.dev_images selects on.")
 def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str | None,
              protocol: str | None, save_sims: str | None, json_out: str | None, device: str,
              batch_size: int | None, rerank_topk: str | None, coarse_checkpoint: str | None,
-             coarse_mode: str | None, fine_mode: str | None, fuse_weight: float) -> None:
+             coarse_mode: str | None, fine_mode: str | None, fuse_weight: float,
+             max_images: int | None) -> None:
     """Evaluate a trained head: i2t / t2i R@1/5/10, median and mean rank, rsum.
 
     \b
@@ -162,9 +166,8 @@ def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str 
     eval_cfg = state["config"]["eval"]
     options = {k: eval_cfg[k] for k in ("image_block", "caption_block") if eval_cfg.get(k)}
     if rerank_topk is not None:
-        if save_sims:
-            raise InputError("--save-sims writes full similarity matrices; it does not apply to "
-                             "--rerank-topk")
+        if save_sims or max_images:
+            raise InputError("--save-sims and --max-images do not apply to --rerank-topk")
         run_two_stage(checkpoint, state, head, image_cache, text_cache, split, torch_device,
                       rerank_topk, coarse_checkpoint, coarse_mode, fine_mode, fuse_weight,
                       protocol or eval_cfg["protocol"], batch_size or eval_cfg["batch_size"],
@@ -180,9 +183,10 @@ def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str 
     result = run_evaluation(head, image_cache, text_cache,
                             protocol=protocol or eval_cfg["protocol"], device=torch_device,
                             batch_size=batch_size or eval_cfg["batch_size"], save_sims=save_sims,
-                            **options)
+                            max_images=max_images, **options)
+    gallery = f", gallery of its first {max_images} images" if max_images else ""
     click.echo(f"{checkpoint} on {split} ({result['images']} images, {result['captions']} "
-               f"captions, protocol {result['protocol']})")
+               f"captions, protocol {result['protocol']}{gallery})")
     click.echo(format_table(result["metrics"], result["seconds"]))
     report = {"checkpoint": str(checkpoint), "head": state["head_name"], "split": split,
               "images_cache": str(image_cache.path), "texts_cache": str(text_cache.path),

@@ -25,11 +25,11 @@ TransformerEncoderLayer whose float attention mask is
 * loss = L(V, T) + L(V, T') + L(V', T) + L(V', T') + reg_weight * reg, V', T' the graph outputs
   (``cross_loss=False`` keeps only L(V', T')).
 
-Base loss (``base_loss``): ``"hinge"`` (default) = the criterion of the run config (the VSE0 ->
-hardest-negative hinge shared by every head here); ``"dws_triplet"`` = the reference default, a
-distance-weighted-sampling triplet loss (``dws_triplet_loss``). The reference configs for F30K/COCO
-choose ``dws_triplet``; the default is the hinge because it is the loss every other head of this
-toolkit is compared with and it needs no dataset-specific cut-off.
+Base loss (``base_loss``): ``"criterion"`` (default) = the run config's ``loss`` section (the VSE0 ->
+hardest-negative hinge shared by most heads here, or InfoNCE); ``"dws_triplet"`` = the reference
+default, a distance-weighted-sampling triplet loss (``dws_triplet_loss``). The reference configs for
+F30K/COCO choose ``dws_triplet``; the default is the run's criterion because that is the loss every
+other head of this toolkit is compared with, and it needs no dataset-specific cut-off.
 
 Differences from the released code (fixes): padding words/regions never enter the top-k relevance
 features, the normalisations or the means (the reference pads captions shorter than k with padding
@@ -214,7 +214,7 @@ def _dws_direction(sims: Tensor, positives: Tensor, margin: float, cutoff: float
 
 PairLoss = Callable[["HremHead", Tensor, Tensor, Criterion, Progress], Tensor]
 BASE_LOSSES: dict[str, PairLoss] = {
-    "hinge": lambda head, scores, ids, criterion, progress: criterion(scores, ids, progress),
+    "criterion": lambda head, scores, ids, criterion, progress: criterion(scores, ids, progress),
     "dws_triplet": lambda head, scores, ids, criterion, progress: dws_triplet_loss(
         scores, ids, head.margin, nonzero_cutoff=head.dws_cutoff, dim=head.dws_dim),
 }
@@ -231,7 +231,7 @@ class HremHead(EmbeddingHead):
                  heads: int = 16, dropout: float = 0.1, residual_weight: float = 0.8,
                  graph: bool = True, graph_warmup_steps: int = 8000, connect_ratio: float = 0.5,
                  relevance_topk: int = 10, sigma: float = 1.0, mask_weight: float = 1.0,
-                 reg_weight: float = 10.0, cross_loss: bool = True, base_loss: str = "hinge",
+                 reg_weight: float = 10.0, cross_loss: bool = True, base_loss: str = "criterion",
                  margin: float = 0.2, dws_cutoff: float = 1.7, dws_dim: int = 512) -> None:
         super().__init__(image_spec, text_spec)
         if embed_dim % heads:

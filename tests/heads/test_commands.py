@@ -65,6 +65,12 @@ def test_train_then_eval(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capture
     assert report["split"] == "test" and report["images"] == 20 and report["captions"] == 100
     assert 0 <= report["metrics"]["rsum"] <= 600
     assert (tmp_path / "sims.npz").exists()
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "--checkpoint", str(run / "best.pt"),
+                             "--split", "test", "--device", "cpu", "--max-images", "8",
+                             "--json", str(tmp_path / "first8.json"))
+    assert code == 0, err
+    first8 = json.loads((tmp_path / "first8.json").read_text())
+    assert first8["pairs_scored"] == 8 * 40 and first8["metrics"] != report["metrics"]
 
     # resume with one more epoch: the saved config is used, --set changes the epoch count
     code, out, err = run_cli(monkeypatch, capsys, "train-head", "--out", str(run), "--resume",

@@ -15,7 +15,7 @@ from heads import build_head
 from heads.base import Progress
 from heads.config import load_config
 from heads.hrem import HremHead, dws_triplet_loss
-from heads.losses import HingeLoss
+from heads.losses import HingeLoss, InfoNCELoss
 from tests.heads.synthetic_pairs import SyntheticWorld, pad_sets, repad, train_and_recall
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -117,7 +117,7 @@ def test_dws_triplet_loss_by_hand():
     assert float(dws_triplet_loss(far, torch.tensor([0, 1]))) == 0.0
 
 
-@pytest.mark.parametrize("base_loss", ["hinge", "dws_triplet"])
+@pytest.mark.parametrize("base_loss", ["criterion", "dws_triplet"])
 def test_gradient_reaches_every_parameter_after_warm_up(base_loss):
     world = SyntheticWorld(seed=3)
     images, texts, image_of = world.sample(8, 1)
@@ -128,6 +128,19 @@ def test_gradient_reaches_every_parameter_after_warm_up(base_loss):
                if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, missing
     assert logs["reg"] >= 0
+
+
+def test_criterion_base_loss_is_the_run_loss_on_all_four_graph_terms():
+    """base_loss="criterion" applies the run's loss (here InfoNCE) to L(V,T), L(V,T'), L(V',T),
+    L(V',T'): its learnable temperature gets a gradient and the total exceeds the plain term."""
+    world = SyntheticWorld(seed=4)
+    images, texts, image_of = world.sample(8, 1)
+    head = make_head(world, base_loss="criterion").train()
+    criterion = InfoNCELoss()
+    loss, logs = head.training_loss(images, texts, image_of, criterion, Progress(1, 10, 10))
+    loss.backward()
+    assert criterion.log_scale.grad is not None and criterion.log_scale.grad.abs() > 0
+    assert float(logs["base"]) > 0 and float(loss.detach()) > float(logs["base"])
 
 
 def test_bad_options():

@@ -246,8 +246,10 @@ def test_eval_command_mode_selects_the_branch(tmp_path: Path) -> None:
     assert result.exit_code != 0 and "add --rerank-topk" in str(result.exception)
     result = CliRunner().invoke(eval_command, base + ["--rerank-topk", "5", "--save-sims",
                                                       str(tmp_path / "sims.npz")])
-    assert result.exit_code != 0 and "does not apply to --rerank-topk" in str(result.exception)
+    assert result.exit_code != 0 and "do not apply to --rerank-topk" in str(result.exception)
     assert not (tmp_path / "sims.npz").exists()
+    result = CliRunner().invoke(eval_command, base + ["--rerank-topk", "5", "--max-images", "3"])
+    assert result.exit_code != 0 and "do not apply to --rerank-topk" in str(result.exception)
 
 
 def test_unknown_mode_fails_early(tmp_path: Path) -> None:
