@@ -166,18 +166,16 @@ def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str 
     eval_cfg = state["config"]["eval"]
     options = {k: eval_cfg[k] for k in ("image_block", "caption_block") if eval_cfg.get(k)}
     if rerank_topk is not None:
-        if save_sims or max_images:
-            raise InputError("--save-sims and --max-images do not apply to --rerank-topk")
+        _reject_given({"--save-sims": save_sims, "--max-images": max_images},
+                      "do not apply to --rerank-topk (they score full matrices)")
         run_two_stage(checkpoint, state, head, image_cache, text_cache, split, torch_device,
                       rerank_topk, coarse_checkpoint, coarse_mode, fine_mode, fuse_weight,
                       protocol or eval_cfg["protocol"], batch_size or eval_cfg["batch_size"],
                       json_out, options)
         return
-    two_stage_only = {"--coarse-checkpoint": coarse_checkpoint, "--coarse-mode": coarse_mode,
-                      "--fuse-weight": fuse_weight or None}
-    given = [name for name, value in two_stage_only.items() if value is not None]
-    if given:
-        raise InputError(f"{', '.join(given)} only apply to two-stage retrieval; add --rerank-topk K")
+    _reject_given({"--coarse-checkpoint": coarse_checkpoint, "--coarse-mode": coarse_mode,
+                   "--fuse-weight": fuse_weight},
+                  "only apply to two-stage retrieval; add --rerank-topk K")
     if fine_mode is not None:
         head.set_mode(fine_mode)
     result = run_evaluation(head, image_cache, text_cache,
@@ -194,6 +192,13 @@ def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str 
     out = Path(json_out) if json_out else Path(checkpoint).parent / f"eval-{split}.json"
     write_report(out, report)
     click.echo(f"report: {out}")
+
+
+def _reject_given(options: dict[str, Any], reason: str) -> None:
+    """InputError naming every option of ``options`` that was given (a set, non-zero value)."""
+    given = [name for name, value in options.items() if value]
+    if given:
+        raise InputError(f"{', '.join(given)} {reason}")
 
 
 def run_two_stage(checkpoint: str, state: dict[str, Any], fine: Any, image_cache: ImageCache,

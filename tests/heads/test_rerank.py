@@ -1,6 +1,7 @@
 """Two-stage retrieval: shortlist ranks against a brute-force ordering, the miss rule, k = N."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -238,7 +239,7 @@ def test_eval_command_mode_selects_the_branch(tmp_path: Path) -> None:
         out = tmp_path / f"{mode}.json"
         result = CliRunner().invoke(eval_command, base + ["--mode", mode, "--json", str(out)])
         assert result.exit_code == 0, result.output
-        reports[mode] = __import__("json").loads(out.read_text())
+        reports[mode] = json.loads(out.read_text())
     assert reports["global"]["mode"] == "global" and reports["global"]["score_kind"] == "embedding"
     assert reports["local"]["mode"] == "local" and reports["local"]["score_kind"] == "interaction"
     assert reports["global"]["metrics"] != reports["local"]["metrics"]
@@ -250,6 +251,7 @@ def test_eval_command_mode_selects_the_branch(tmp_path: Path) -> None:
     assert not (tmp_path / "sims.npz").exists()
     result = CliRunner().invoke(eval_command, base + ["--rerank-topk", "5", "--max-images", "3"])
     assert result.exit_code != 0 and "do not apply to --rerank-topk" in str(result.exception)
+    assert str(result.exception).startswith("--max-images do not")   # names only what was given
 
 
 def test_unknown_mode_fails_early(tmp_path: Path) -> None:
