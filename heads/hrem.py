@@ -31,6 +31,11 @@ default, a distance-weighted-sampling triplet loss (``dws_triplet_loss``). The r
 F30K/COCO choose ``dws_triplet``; the default is the run's criterion because that is the loss every
 other head of this toolkit is compared with, and it needs no dataset-specific cut-off.
 
+Option ``pooling`` (default ``"max2"`` = reference): ``"mean"`` replaces the max-2 pooling of the
+fragments by their masked mean, on both sides. A deviation for mean-trained text encoders such as
+MiniLM (its sentence embedding is the mean of its token states; the two largest values per channel
+of projected MiniLM states discard what it was trained to carry).
+
 Differences from the released code (fixes): padding words/regions never enter the top-k relevance
 features, the normalisations or the means (the reference pads captions shorter than k with padding
 positions and averages i2t over padding regions); the FC_MLP batch norm uses valid tokens only
@@ -60,22 +65,33 @@ NEG_INF = float("-inf")
 # ----------------------------------------------------------------------------- fragment level
 
 
+Pooling = Callable[[Tensor, Tensor], Tensor]
+POOLINGS: dict[str, Pooling] = {
+    "max2": lambda fragments, mask: masked_topk_mean(fragments, mask, 2),
+    "mean": masked_mean,
+}
+
+
 class FragmentEncoder(nn.Module):
-    """One side of HREM: fragments -> 0.8 * max-2 pool + 0.2 * mean(transformer(fragments)).
-    ``projection(tokens, mask)`` makes the fragments (FC_MLP for images, a Linear for words)."""
+    """One side of HREM: fragments -> 0.8 * pool + 0.2 * mean(transformer(fragments)), pool = max-2
+    (reference) or the masked mean (``POOLINGS``). ``projection(tokens, mask)`` makes the fragments
+    (FC_MLP for images, a Linear for words)."""
 
     def __init__(self, projection: nn.Module, dim: int, heads: int, dropout: float,
-                 residual_weight: float, pool_k: int = 2) -> None:
+                 residual_weight: float, pooling: str = "max2") -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise InputError(f"head 'hrem': pooling must be one of {sorted(POOLINGS)}, got "
+                             f"{pooling!r}")
         self.projection = projection
         self.relation = TokenTransformer(dim, layers=1, heads=heads, ff_dim=dim, dropout=dropout)
-        self.residual_weight, self.pool_k = residual_weight, pool_k
+        self.residual_weight, self.pool = residual_weight, POOLINGS[pooling]
 
     def forward(self, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """``tokens [B, N, D]``, ``mask`` -> (unit embeddings ``[B, E]``, fragments
         ``[B, N, E]``)."""
         fragments = self.projection(tokens, mask).masked_fill(~mask.unsqueeze(-1), 0)
-        pooled = masked_topk_mean(fragments, mask, self.pool_k)
+        pooled = self.pool(fragments, mask)
         related = masked_mean(self.relation(fragments, mask), mask)
         mixed = self.residual_weight * pooled + (1 - self.residual_weight) * related
         return l2norm(mixed), fragments
@@ -232,7 +248,8 @@ class HremHead(EmbeddingHead):
                  graph: bool = True, graph_warmup_steps: int = 8000, connect_ratio: float = 0.5,
                  relevance_topk: int = 10, sigma: float = 1.0, mask_weight: float = 1.0,
                  reg_weight: float = 10.0, cross_loss: bool = True, base_loss: str = "criterion",
-                 margin: float = 0.2, dws_cutoff: float = 1.7, dws_dim: int = 512) -> None:
+                 margin: float = 0.2, dws_cutoff: float = 1.7, dws_dim: int = 512,
+                 pooling: str = "max2") -> None:
         super().__init__(image_spec, text_spec)
         if embed_dim % heads:
             raise InputError(f"head 'hrem': embed_dim {embed_dim} is not divisible by {heads} "
@@ -243,10 +260,10 @@ class HremHead(EmbeddingHead):
         if not 0 < connect_ratio <= 1:
             raise InputError(f"head 'hrem': connect_ratio must be in (0, 1], got {connect_ratio}")
         self.image_encoder = FragmentEncoder(ResidualMLPProjection(image_spec.dim, embed_dim),
-                                             embed_dim, heads, dropout, residual_weight)
+                                             embed_dim, heads, dropout, residual_weight, pooling)
         self.text_encoder = FragmentEncoder(
             TokenProjection(text_spec.dim, embed_dim, normalize=False), embed_dim, heads, dropout,
-            residual_weight)
+            residual_weight, pooling)
         self.graph = InstanceGraph(embed_dim, heads, dropout, connect_ratio, relevance_topk, sigma,
                                    mask_weight) if graph else None
         self.graph_warmup_steps, self.reg_weight = graph_warmup_steps, reg_weight

@@ -26,25 +26,28 @@ def make_head(world: SyntheticWorld, **options) -> HremHead:
     return HremHead(world.image_spec, world.text_spec, **options)
 
 
-def naive_embedding(encoder, tokens: torch.Tensor) -> torch.Tensor:
-    """One item, valid tokens only (eval mode): 0.8 * max-2 + 0.2 * mean(transformer), L2."""
+def naive_embedding(encoder, tokens: torch.Tensor, pooling: str) -> torch.Tensor:
+    """One item, valid tokens only (eval mode): 0.8 * pool + 0.2 * mean(transformer), L2; pool =
+    mean of the two largest values per channel, or the mean."""
     valid = torch.ones(1, len(tokens), dtype=torch.bool)
     fragments = encoder.projection(tokens.unsqueeze(0), valid)[0]
-    top2 = fragments.topk(min(2, len(fragments)), dim=0).values.mean(0)
+    k = min(2, len(fragments)) if pooling == "max2" else len(fragments)
+    pooled = fragments.topk(k, dim=0).values.mean(0)
     related = encoder.relation.layers[0](fragments.unsqueeze(0))[0].mean(0)
-    return F.normalize(0.8 * top2 + 0.2 * related, dim=-1)
+    return F.normalize(0.8 * pooled + 0.2 * related, dim=-1)
 
 
-def test_embeddings_match_naive_per_item_and_ignore_padding():
+@pytest.mark.parametrize("pooling", ["max2", "mean"])
+def test_embeddings_match_naive_per_item_and_ignore_padding(pooling):
     world = SyntheticWorld(seed=0)
     images, texts, _ = world.sample(4, 2)
-    head = make_head(world).eval()
+    head = make_head(world, pooling=pooling).eval()
     with torch.no_grad():
         head.image_encoder.projection.bn.running_mean.normal_(0, 0.5)
         img, txt = head.encode_images(images)["emb"], head.encode_texts(texts)["emb"]
         for enc, batch, emb in ((head.image_encoder, images, img), (head.text_encoder, texts, txt)):
             for row in range(len(batch)):
-                want = naive_embedding(enc, batch.tokens[row][batch.mask[row]])
+                want = naive_embedding(enc, batch.tokens[row][batch.mask[row]], pooling)
                 torch.testing.assert_close(emb[row], want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(head.encode_images(repad(images, 4, seed=1))["emb"], img)
         torch.testing.assert_close(head.encode_texts(repad(texts, 6, seed=2))["emb"], txt)
@@ -149,6 +152,8 @@ def test_bad_options():
         make_head(world, base_loss="trip")
     with pytest.raises(InputError, match="divisible"):
         make_head(world, embed_dim=30)
+    with pytest.raises(InputError, match="pooling must be one of"):
+        make_head(world, pooling="max3")
 
 
 def test_learns_synthetic_structured_data_with_the_graph():
