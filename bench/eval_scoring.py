@@ -7,7 +7,10 @@ Flickr 1K test shape) with the same head: image caches shaped like ``efficientne
 * ours: ``heads.scoring.similarity_matrix`` (``head.score`` on blocks of images x captions);
 * loop: the reference style (SCAN / LAPS / CADR ``evaluation.py``): the images in shards of 256,
   the captions in shards of 256, and inside a shard a Python loop scoring one caption (trimmed to
-  its own length) against the image shard.
+  its own length) against the image shard. For ``laps`` and ``caa`` the loop also computes a pair
+  the way the references do (``materialised_slimming_scores``: build each pair's aggregated and
+  fused tokens, normalise them, align), where ours scores the mixing weights through the patches'
+  Gram matrix without building them.
 
 The loop is timed on the first ``--loop-captions`` captions and extrapolated linearly to all
 captions (it is linear in the caption count); both results are compared on those columns.
@@ -23,6 +26,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -32,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cache.batch import TokenBatch  # noqa: E402
 from heads import build_head, head_options, list_heads  # noqa: E402
 from heads.base import Encoded, FeatureSpec, Head, cat_encoded, index_encoded  # noqa: E402
+from heads.layers import l2norm, max_mean_alignment  # noqa: E402
+from heads.patch_slimming import caption_relevance  # noqa: E402
 from heads.scoring import (DEFAULT_CAPTION_BLOCK, DEFAULT_IMAGE_BLOCK, inference,  # noqa: E402
                            similarity_matrix, synchronize)
 
@@ -90,17 +96,43 @@ def one_caption(txt_enc: Encoded, row: int) -> Encoded:
     return {k: (v[:, :valid] if v.dim() >= 2 and v.shape[1] == width else v) for k, v in enc.items()}
 
 
+def materialised_slimming_scores(head: Head, images: Encoded, texts: Encoded) -> Tensor:
+    """LAPS / CADR scores ``[I, 1]`` of one caption against an image shard as the references
+    compute them: every pair's aggregated and fused tokens built, L2-normalised, then aligned."""
+    relevance = caption_relevance(images["patches"], images["patch_norm"], texts["caption"],
+                                  paired=False)
+    sets = head.slimming.visual_sets(images, relevance)
+    values = images["patches"]
+    aggregated = torch.einsum("cinm,ind->cimd", sets.weights, values)[0]           # [I, M, C]
+    fused = torch.einsum("cin,ind->cid", sets.fuse, values)[0]                     # [I, C]
+    tokens = torch.cat([images["cls"], l2norm(aggregated), l2norm(fused).unsqueeze(1)], dim=1)
+    mask = torch.cat([images["cls_mask"], sets.fused_mask.new_ones(aggregated.shape[:2]),
+                      sets.fused_mask[0].unsqueeze(1)], dim=1)
+    n_img = tokens.shape[0]
+    words = texts["words"].expand(n_img, -1, -1)
+    word_mask = texts["word_mask"].expand(n_img, -1)
+    return max_mean_alignment(tokens, mask, words, word_mask, head.negative_slope).unsqueeze(1)
+
+
+REFERENCE_SCORERS: dict[str, Callable[[Head, Encoded, Encoded], Tensor]] = {
+    "laps": materialised_slimming_scores,
+    "caa": materialised_slimming_scores,
+}
+
+
 def loop_scores(head: Head, img_enc: Encoded, txt_enc: Encoded, captions: int,
                 device: torch.device, shard: int = REFERENCE_SHARD) -> Tensor:
     """The reference repositories' evaluation loop over the first ``captions`` captions."""
     n_img = next(iter(img_enc.values())).shape[0]
     out = torch.empty(n_img, captions)
+    score = REFERENCE_SCORERS.get(head.name, type(head).score)
     with inference(head, device):
         for i0 in range(0, n_img, shard):
             images = index_encoded(img_enc, slice(i0, i0 + shard))
             for c0 in range(0, captions, shard):
                 for c in range(c0, min(c0 + shard, captions)):
-                    out[i0:i0 + shard, c] = head.score(images, one_caption(txt_enc, c))[:, 0].float().cpu()
+                    scores = score(head, images, one_caption(txt_enc, c))
+                    out[i0:i0 + shard, c] = scores[:, 0].float().cpu()
     return out
 
 

@@ -5,8 +5,8 @@ Pipeline per (image, caption) pair, see ``heads.patch_slimming``: project every 
 (CLS included) and every word to C = ``embed_dim``; select the K = ceil(rho*N) patches with the
 largest image saliency + caption relevance, fuse the rest into one token, aggregate the kept ones
 into M = floor(N*kappa*rho) tokens; score with the bidirectional word-patch max-mean alignment
-against the visual set [CLS; aggregated; fused] (``layers.max_mean_alignment`` for aligned pairs,
-``patch_slimming.block_max_mean``, the same values computed caption-major, for blocks).
+against the visual set [CLS; aggregated; fused] (``patch_slimming.block_max_mean``, for blocks of
+captions x images and for aligned pairs).
 
 N is the real number of spatial tokens of the cache (from its grid / token count), never a
 constant; the CLS token is kept when the cache declares prefix tokens
@@ -29,7 +29,6 @@ Differences from the released code (all explicit):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cache.batch import TokenBatch
@@ -37,9 +36,35 @@ from cache.errors import InputError
 from heads import register_head
 from heads.base import (Criterion, Encoded, FeatureSpec, InteractionHead, Progress, index_encoded,
                         num_items)
-from heads.layers import l2norm, masked_mean, max_mean_alignment
-from heads.patch_slimming import (PatchSlimming, block_max_mean, caption_relevance, set_tokens,
-                                  spatial_layout, spatial_tokens)
+from heads.layers import l2norm, masked_mean
+from heads.patch_slimming import (PatchSlimming, block_max_mean, caption_relevance, spatial_layout,
+                                  spatial_tokens)
+
+
+def last_word(word_mask: Tensor) -> Tensor:
+    """Per caption, the position after its last valid word (0 for an empty caption)."""
+    positions = torch.arange(1, word_mask.shape[1] + 1, device=word_mask.device)
+    return (word_mask * positions).amax(dim=1)
+
+
+def length_sorted_chunks(word_mask: Tensor, step: int) -> tuple[Tensor, list[tuple[slice, int]]]:
+    """Captions ordered by length (last valid position, longest first) and chunks of ``step`` rows
+    of that order, each with the width that holds its longest caption (one host round trip):
+    scoring a chunk then costs its own captions' lengths, not the longest of the split."""
+    last = last_word(word_mask)
+    order = torch.argsort(last, descending=True, stable=True)
+    widths = last[order][::step].tolist()
+    return order, [(slice(s, s + step), int(w)) for s, w in zip(range(0, len(order), step), widths)]
+
+
+def trim_words(texts: Encoded, width: int) -> Encoded:
+    """The text encoding with its word axis cut to ``width`` positions."""
+    return {**texts, "words": texts["words"][:, :width], "word_mask": texts["word_mask"][:, :width]}
+
+
+def unsort(values: Tensor, order: Tensor, dim: int) -> Tensor:
+    """Undo ``index_select(dim, order)``."""
+    return values.index_select(dim, torch.argsort(order))
 
 
 @register_head("laps")
@@ -114,45 +139,39 @@ class LapsHead(InteractionHead):
                                       paired)
         sets = self.slimming.visual_sets(images, relevance)
         ratio = None if sets.ratio is None else sets.ratio.sum()
-        if not paired:
-            return block_max_mean(images, sets, texts["words"], texts["word_mask"],
-                                  self.negative_slope), ratio
-        tokens, mask = set_tokens(images, sets)
-        scores = max_mean_alignment(tokens[0], mask[0], texts["words"], texts["word_mask"],
-                                    self.negative_slope)
-        return scores.unsqueeze(0), ratio
+        return block_max_mean(images, sets, texts["words"], texts["word_mask"],
+                              self.negative_slope, paired), ratio
 
     def caption_chunk(self, n_img: int, n_words: int, paired: bool = False) -> int:
         """Captions per step against ``n_img`` images (``paired``: pairs per step, ``n_img=1``) so
         that the largest per-step tensors stay near ``chunk_elements`` elements."""
         n, m = self.num_patches, self.slimming.num_aggregated
-        dim = self.vision_proj.out_features
         size = self.slimming.set_size(self.num_prefix)
-        tokens = 2 * size * dim + n_words * dim if paired else 2 * m * dim   # sets (+ word copies)
-        per_caption = n_img * (2 * n * m + tokens + 3 * n_words * size)
-        return max(1, self.chunk_elements // max(1, per_caption))
+        # per pair: selection scores, aggregation logits / weights / Gram products, word x patch
+        # and word x set similarities; paired, also the per-pair copies of words, patches, Gram
+        per_pair = 4 * n + 3 * n * m + n_words * n + 3 * n_words * size
+        if paired:
+            per_pair += (n_words + n) * self.vision_proj.out_features + n * n
+        return max(1, self.chunk_elements // max(1, n_img * per_pair))
 
     def _score_block(self, images: Encoded, texts: Encoded) -> tuple[Tensor, Tensor | None]:
         n_img, n_txt = num_items(images), num_items(texts)
         step = self.caption_chunk(n_img, texts["words"].shape[1])
-        starts = range(0, n_txt, step)
-        widths = [texts["words"].shape[1]] * len(starts)
-        if not self.training and len(starts) > 1:
-            # evaluation blocks are padded to the longest caption of the split: trim each chunk to
-            # its own longest caption (one host round trip per block)
-            mask = texts["word_mask"]
-            last = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(dim=1)
-            widths = F.pad(last, (0, len(starts) * step - n_txt)).view(-1, step).amax(1).tolist()
+        order = None
+        if self.training:          # no host round trip in a training step: chunks in order
+            chunks = [(slice(s, s + step), texts["words"].shape[1]) for s in range(0, n_txt, step)]
+        else:                      # evaluation: captions by length, chunks trimmed
+            order, chunks = length_sorted_chunks(texts["word_mask"], step)
+            texts = index_encoded(texts, order)
         columns, ratio = [], None
-        for start, width in zip(starts, widths):
-            chunk = {k: v[start:start + step] for k, v in texts.items()}
-            chunk["words"] = chunk["words"][:, :width]
-            chunk["word_mask"] = chunk["word_mask"][:, :width]
-            scores, r = self._pair_grid(images, chunk, paired=False)
+        for rows, width in chunks:
+            scores, r = self._pair_grid(images, trim_words(index_encoded(texts, rows), width),
+                                        paired=False)
             columns.append(scores.transpose(0, 1))
             if r is not None:
                 ratio = r if ratio is None else ratio + r
-        return torch.cat(columns, dim=1), ratio
+        scores = torch.cat(columns, dim=1)
+        return (scores if order is None else unsort(scores, order, dim=1)), ratio
 
     def select(self, images: Encoded, texts: Encoded) -> Tensor:
         """The kept patches of every caption x image pair, bool ``[n_txt, n_img, N]``."""
@@ -165,10 +184,14 @@ class LapsHead(InteractionHead):
 
     def score_pairs(self, images: Encoded, texts: Encoded) -> Tensor:
         step = self.caption_chunk(1, texts["words"].shape[1], paired=True)
-        return torch.cat([self._pair_grid(index_encoded(images, slice(s, s + step)),
-                                          index_encoded(texts, slice(s, s + step)),
-                                          paired=True)[0].squeeze(0)
-                          for s in range(0, num_items(texts), step)])
+        scores = []
+        for start in range(0, num_items(texts), step):
+            rows = slice(start, start + step)
+            chunk = index_encoded(texts, rows)
+            width = int(last_word(chunk["word_mask"]).max())   # pairs stay in place: no copies
+            scores.append(self._pair_grid(index_encoded(images, rows), trim_words(chunk, width),
+                                          paired=True)[0].squeeze(0))
+        return torch.cat(scores)
 
     def training_loss(self, images: TokenBatch, texts: TokenBatch, image_ids: Tensor,
                       criterion: Criterion, progress: Progress) -> tuple[Tensor, dict[str, float]]:

@@ -15,12 +15,13 @@ words of the caption:
 
 Everything caption-independent is computed once per image (``encode``): the saliency, the MLP logits
 G of every patch (the MLP is per token, so gathering G at the kept patches equals running it on
-them) and the score network's log-probabilities. ``visual_sets`` then works on a grid of pairs
-``[c captions, I images]`` with no Python loop: the K->M aggregation is one batched product per
-image of a ``[c, N, M]`` weight tensor (zero outside the kept patches) with the image's tokens (N/K
-times the multiply-adds of gathering the kept patches, but large products instead of one tiny
-product per pair and no gathered copy of the tokens), and ``block_max_mean`` aligns each caption's
-words with the sets of all images in one product.
+them), the Gram matrix of the patches and the score network's log-probabilities. ``visual_sets``
+then works on a grid of pairs ``[c captions, I images]`` with no Python loop and returns each pair's
+set as mixing weights over the image's tokens (zero outside the kept / dropped patches);
+``block_max_mean`` scores words against these mixtures by the cheaper of two exact routes
+(``mixture_cosines``): building them, or word x patch products times the weights with norms from
+the Gram matrix, which never materialises the ``[c, I, M, C]`` aggregated tokens (on a 7 x 7 grid
+at C = 512, M = 23, about 5 times faster forward + backward).
 
 Option ``score_net`` (off by default, as in the released code): the paper's learned score network
 (the DynamicViT-style predictor the authors posted in CrossmodalGroup/LAPS#4: LayerNorm ->
@@ -149,63 +150,94 @@ def caption_relevance(values: Tensor, norms: Tensor, caption: Tensor, paired: bo
 
 @dataclass
 class VisualSets:
-    """The caption-dependent part of LAPS's visual sets for a grid of pairs ``[c, I]``, before L2
-    normalisation: ``aggregated [c, I, M, C]``, ``fused [c, I, C]``, ``fused_mask [c, I]`` (False
-    when nothing was dropped) and the score network's ratio-loss term ``[c, I]`` (or None). The
-    full set of a pair is [CLS (from the image encoding); aggregated; fused]."""
+    """The caption-dependent part of LAPS's visual sets for a grid of pairs ``[c, I]`` as mixing
+    weights over the image's spatial tokens: ``weights [c, I, N, M]`` (aggregated token m is
+    sum_n weights[n, m] p_n), ``fuse [c, I, N]`` (the fused token is sum_n fuse[n] p_n),
+    ``fused_mask [c, I]`` (False when nothing was dropped) and the score network's ratio-loss term
+    ``[c, I]`` (or None). The full set of a pair is [CLS (from the image encoding); aggregated;
+    fused], each token L2-normalised."""
 
-    aggregated: Tensor
-    fused: Tensor
+    weights: Tensor
+    fuse: Tensor
     fused_mask: Tensor
     ratio: Tensor | None
 
 
-def _prefix(images: Encoded, c: int) -> tuple[Tensor, Tensor]:
-    """The images' unit prefix tokens ``[I, P, C]`` and mask ``[c, I, P]`` (P = 0 or 1)."""
+def _prefix(images: Encoded) -> tuple[Tensor, Tensor]:
+    """The images' unit prefix tokens ``[I, P, C]`` and mask ``[I, P]`` (P = 0 or 1)."""
     cls = images.get("cls")
     if cls is None:
         n_img, dim = images["patches"].shape[0], images["patches"].shape[-1]
-        cls = images["patches"].new_zeros(n_img, 0, dim)
-        return cls, images["patch_mask"].new_zeros(c, n_img, 0)
-    return cls, images["cls_mask"].unsqueeze(0).expand(c, -1, -1)
+        return (images["patches"].new_zeros(n_img, 0, dim),
+                images["patch_mask"].new_zeros(n_img, 0))
+    return cls, images["cls_mask"]
 
 
-def set_tokens(images: Encoded, sets: VisualSets) -> tuple[Tensor, Tensor]:
-    """The L2-normalised visual sets ``[c, I, T, C]`` and their mask ``[c, I, T]``."""
-    c, n_img, m = sets.aggregated.shape[:3]
-    cls, cls_mask = _prefix(images, c)
-    tokens = torch.cat([cls.unsqueeze(0).expand(c, -1, -1, -1), l2norm(sets.aggregated),
-                        l2norm(sets.fused).unsqueeze(2)], dim=2)
-    ones = sets.fused_mask.new_ones(c, n_img, m)
-    mask = torch.cat([cls_mask, ones, sets.fused_mask.unsqueeze(2)], dim=2)
-    return tokens, mask
+def mixed_norms(gram: Tensor, mix: Tensor) -> Tensor:
+    """Norms of mixtures of an image's tokens from their Gram matrix: ``gram [I, N, N]``,
+    ``mix [c, I, N, K]`` (K mixtures of the N tokens) -> ``||sum_n mix[n, k] p_n|| + 1e-8``
+    ``[c, I, K]``, the quadratic form in at least float32, also under autocast."""
+    dtype = torch.promote_types(mix.dtype, torch.float32)
+    with torch.autocast(device_type=mix.device.type, enabled=False):
+        wide = mix.to(dtype)
+        squared = (torch.einsum("inj,cijk->cink", gram.to(dtype), wide) * wide).sum(dim=-2)
+    return (squared.clamp(min=0) + 1e-16).sqrt().to(mix.dtype) + 1e-8
+
+
+def gram_is_cheaper(words: int, patches: int, mixtures: int, dim: int) -> bool:
+    """Whether scoring ``mixtures`` mixtures of ``patches`` tokens against ``words`` words through
+    word x patch products and the Gram matrix takes fewer multiply-adds per pair than building the
+    mixtures (which wins when there are few of them: LAPS's ViT setting, M = 0.2 N)."""
+    built = mixtures * (patches + words + 1) * dim
+    via_gram = words * patches * (dim + mixtures) + patches * patches * mixtures
+    return via_gram < built
+
+
+def mixture_cosines(images: Encoded, mix: Tensor, words: Tensor, paired: bool) -> Tensor:
+    """cos(word, sum_n mix[n, k] p_n) ``[c, I, L, K]`` for ``mix [c, I, N, K]`` (``paired``: c = 1
+    and word set p goes with image p), by the cheaper of two exact routes: the mixtures built
+    and normalised, or word x patch dot products times the weights over norms from the Gram
+    matrix (no ``[c, I, K, C]`` tensor, nor its copy for the backward pass)."""
+    values = images["patches"]
+    if not gram_is_cheaper(words.shape[1], values.shape[1], mix.shape[-1], values.shape[-1]):
+        if paired:
+            built = torch.einsum("pnk,pnd->pkd", mix[0], values).unsqueeze(0)      # [1, P, K, C]
+            dots = torch.einsum("pld,pkd->plk", words, built[0]).unsqueeze(0)
+        else:
+            built = torch.einsum("cink,ind->cikd", mix, values)                   # [c, I, K, C]
+            dots = torch.einsum("cld,cikd->cilk", words, built)
+        return dots / (built.norm(dim=-1) + 1e-8).unsqueeze(2)
+    if paired:
+        cross = torch.einsum("pld,pnd->pln", words, values).unsqueeze(0)          # [1, P, L, N]
+    else:
+        cross = torch.einsum("cld,ind->ciln", words, values)                      # [c, I, L, N]
+    return (cross @ mix) / mixed_norms(images["patch_gram"], mix).unsqueeze(2)
 
 
 def block_max_mean(images: Encoded, sets: VisualSets, words: Tensor, word_mask: Tensor,
-                   negative_slope: float = 0.1) -> Tensor:
-    """Bidirectional word-patch max-mean (``layers.max_mean_alignment``) of every caption of a
-    chunk against every image -> ``[c, I]``: ``words [c, L, C]`` unit vectors, ``word_mask [c, L]``.
-
-    The same values as ``max_mean_alignment`` on ``set_tokens``, computed caption-major: one
-    product per caption against all images' tokens, the norms of the aggregated / fused tokens
-    divided out of the cosines afterwards, so neither the normalised sets nor per-pair copies of
-    the words are materialised."""
-    c, n_img = sets.aggregated.shape[:2]
-    cls, cls_mask = _prefix(images, c)
-    agg_norm = sets.aggregated.norm(dim=-1) + 1e-8                                  # [c, I, M]
-    fused_norm = sets.fused.norm(dim=-1, keepdim=True) + 1e-8                       # [c, I, 1]
-    sims = torch.cat([
-        torch.einsum("cld,ipd->cilp", words, cls),
-        torch.einsum("cld,cimd->cilm", words, sets.aggregated) / agg_norm.unsqueeze(2),
-        (torch.einsum("cld,cid->cil", words, sets.fused) / fused_norm).unsqueeze(-1),
-    ], dim=-1)                                                                       # [c, I, L, T]
+                   negative_slope: float = 0.1, paired: bool = False) -> Tensor:
+    """Bidirectional word-patch max-mean (``layers.max_mean_alignment``) against the visual sets:
+    ``words [c, L, C]`` unit vectors, ``word_mask [c, L]``; every caption against every image ->
+    ``[c, I]``, or (``paired``) caption p against image p -> ``[1, P]``. The aggregated and fused
+    tokens are scored as mixtures of the patches (``mixture_cosines``)."""
+    cls, cls_mask = _prefix(images)
+    if paired:
+        cls_sims = torch.einsum("pld,pqd->plq", words, cls).unsqueeze(0)
+        word_mask = word_mask.unsqueeze(0)                                          # [1, P, L]
+    else:
+        cls_sims = torch.einsum("cld,iqd->cilq", words, cls)
+        word_mask = word_mask.unsqueeze(1)                                          # [c, 1, L]
+    mix = torch.cat([sets.weights, sets.fuse.unsqueeze(-1)], dim=-1)               # [c, I, N, M+1]
+    sims = torch.cat([cls_sims, mixture_cosines(images, mix, words, paired)], dim=-1)
+    c, n_img = sims.shape[:2]                                                       # [c, I, L, T]
     sims = F.leaky_relu(sims, negative_slope)
-    set_mask = torch.cat([cls_mask, sets.fused_mask.new_ones(agg_norm.shape),
-                          sets.fused_mask.unsqueeze(-1)], dim=-1)                    # [c, I, T]
-    valid = word_mask[:, None, :, None] & set_mask[:, :, None, :]
+    set_mask = torch.cat([cls_mask.unsqueeze(0).expand(c, -1, -1),
+                          sets.fused_mask.new_ones(c, n_img, sets.weights.shape[-1]),
+                          sets.fused_mask.unsqueeze(-1)], dim=-1)                   # [c, I, T]
+    w_mask = word_mask.expand(c, n_img, -1)                                         # [c, I, L]
+    valid = w_mask.unsqueeze(-1) & set_mask.unsqueeze(2)
     word_best = masked_max(sims, valid, dim=3)                                      # [c, I, L]
     token_best = masked_max(sims, valid, dim=2)                                     # [c, I, T]
-    w_mask = word_mask.unsqueeze(1).expand(c, n_img, -1)
     word_term = masked_mean(word_best.flatten(0, 1).unsqueeze(-1), w_mask.flatten(0, 1))
     token_term = masked_mean(token_best.flatten(0, 1).unsqueeze(-1), set_mask.flatten(0, 1))
     return (word_term + token_term).view(c, n_img)
@@ -244,7 +276,8 @@ class PatchSlimming(nn.Module):
             if prior is not None:
                 saliency = saliency + prior.detach()
         out = {"patches": values, "patch_norm": values.detach().norm(dim=-1) + 1e-8,
-               "patch_mask": mask, "prior": saliency, "agg_logits": self.aggregator(values)}
+               "patch_gram": values @ values.transpose(1, 2), "patch_mask": mask,
+               "prior": saliency, "agg_logits": self.aggregator(values)}
         if self.score_net is not None:
             out["keep_logp"] = self.score_net(values)
         return out
@@ -268,7 +301,8 @@ class PatchSlimming(nn.Module):
         return keep, scores, y
 
     def visual_sets(self, images: Encoded, relevance: Tensor) -> VisualSets:
-        """Per-pair slimmed patches from ``relevance [c, I|P, N]`` (see ``caption_relevance``)."""
+        """Per-pair selection, fusion and aggregation weights from ``relevance [c, I|P, N]`` (see
+        ``caption_relevance``)."""
         values = images["patches"]
         mask = images["patch_mask"].unsqueeze(0)
         keep, scores, y = self.selection(images, relevance)
@@ -284,19 +318,17 @@ class PatchSlimming(nn.Module):
         weights = torch.softmax(logits.float(), dim=2).to(values.dtype)
         if keep_w is not None:
             weights = weights * keep_w.unsqueeze(-1).to(weights.dtype)
-        aggregated = torch.einsum("cinm,ind->cimd", weights, values)             # [c, I, M, C]
 
         fuse = torch.softmax(scores.masked_fill(~drop, NEG_INF), dim=-1)
         fuse = torch.where(drop, fuse, torch.zeros_like(fuse)).to(values.dtype)
         if drop_w is not None:
             fuse = fuse * drop_w.to(fuse.dtype)
-        fused = torch.einsum("cin,ind->cid", fuse, values)                       # [c, I, C]
 
         ratio = None
         if y is not None and self.training:
             kept_share = (y * mask).sum(-1) / mask.sum(-1).clamp(min=1)
             ratio = (kept_share - self.keep_ratio) ** 2
-        return VisualSets(aggregated, fused, drop.any(dim=-1), ratio)
+        return VisualSets(weights, fuse, drop.any(dim=-1), ratio)
 
     def set_size(self, prefix: int) -> int:
         """Number of tokens in a visual set (prefix + aggregated + fused)."""
@@ -304,4 +336,5 @@ class PatchSlimming(nn.Module):
 
 
 __all__ = ["spatial_layout", "slimming_sizes", "spatial_tokens", "PatchAggregator", "PatchScoreNet",
-           "caption_relevance", "VisualSets", "set_tokens", "block_max_mean", "PatchSlimming"]
+           "caption_relevance", "VisualSets", "mixed_norms", "gram_is_cheaper", "mixture_cosines",
+           "block_max_mean", "PatchSlimming"]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from cache.batch import TokenBatch
 from cache.errors import CacheMismatchError, InputError
-from heads import build_head
+from heads import build_head, patch_slimming
 from heads.base import FeatureSpec, Progress
 from heads.caa import CaaHead, ContextAnchorAttention, anchor_kernel
 from heads.config import load_config
@@ -107,8 +107,10 @@ def test_gate_matches_naive_loops(channels):
     assert got.shape[-1] == (1 if channels == "one" else 8)
 
 
+@pytest.mark.parametrize("via_gram", [False, True])
 @pytest.mark.parametrize("gate_values", ["scale", "residual"])
-def test_block_score_matches_naive_per_pair_loop(gate_values):
+def test_block_score_matches_naive_per_pair_loop(monkeypatch, gate_values, via_gram):
+    monkeypatch.setattr(patch_slimming, "gram_is_cheaper", lambda *sizes: via_gram)
     world, images, texts, _ = make_data(seed=1, n_images=3)
     head = CaaHead(world.image_spec, world.text_spec, embed_dim=16, keep_ratio=0.5, aggr_ratio=0.5,
                    gate_prior=2.0, gate_values=gate_values, chunk_elements=1).double().eval()

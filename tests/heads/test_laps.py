@@ -9,7 +9,7 @@ import torch
 
 from cache.batch import TokenBatch
 from cache.errors import CacheMismatchError, InputError
-from heads import build_head
+from heads import build_head, patch_slimming
 from heads.base import FeatureSpec, Progress, index_encoded
 from heads.config import load_config
 from heads.laps import LapsHead
@@ -80,11 +80,13 @@ def test_bad_options_and_inconsistent_cache():
 # ----------------------------------------------------------------------------- scoring
 
 
-@pytest.mark.parametrize("score_net", [False, True])
-def test_block_score_matches_naive_per_pair_loop(score_net):
+@pytest.mark.parametrize("via_gram", [False, True])
+@pytest.mark.parametrize("options", [{}, {"score_net": True}])
+def test_block_score_matches_naive_per_pair_loop(monkeypatch, options, via_gram):
+    monkeypatch.setattr(patch_slimming, "gram_is_cheaper", lambda *sizes: via_gram)
     world, images, texts, _ = make_data(n_images=3)
     head = LapsHead(world.image_spec, world.text_spec, embed_dim=24, keep_ratio=0.5,
-                    aggr_ratio=0.5, score_net=score_net, chunk_elements=1).double().eval()
+                    aggr_ratio=0.5, chunk_elements=1, **options).double().eval()
     torch.manual_seed(0)
     with torch.no_grad():
         for p in head.parameters():               # make the learned parts non-trivial
@@ -113,7 +115,9 @@ def test_no_prefix_cache_matches_naive_loop():
     torch.testing.assert_close(pairs.view_as(block), block, rtol=1e-10, atol=1e-10)
 
 
-def test_chunking_and_score_pairs_agree_with_the_block():
+@pytest.mark.parametrize("via_gram", [False, True])
+def test_chunking_and_score_pairs_agree_with_the_block(monkeypatch, via_gram):
+    monkeypatch.setattr(patch_slimming, "gram_is_cheaper", lambda *sizes: via_gram)
     world, images, texts, _ = make_data(seed=1, n_images=4, captions=2)
     head = LapsHead(world.image_spec, world.text_spec, embed_dim=24).double().eval()
     with torch.no_grad():
@@ -159,10 +163,10 @@ def test_region_padding_does_not_change_scores():
 # ----------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("score_net", [False, True])
-def test_gradient_reaches_every_parameter(score_net):
+@pytest.mark.parametrize("options", [{}, {"score_net": True}])
+def test_gradient_reaches_every_parameter(options):
     world, images, texts, image_of = make_data(seed=5, n_images=6, captions=1)
-    head = LapsHead(world.image_spec, world.text_spec, embed_dim=24, score_net=score_net).double()
+    head = LapsHead(world.image_spec, world.text_spec, embed_dim=24, **options).double()
     head.train()
     loss, logs = head.training_loss(images, texts, image_of, HingeLoss(hardest_after_epochs=None),
                                     Progress(epoch=0, step=0, steps_per_epoch=10))
@@ -170,7 +174,7 @@ def test_gradient_reaches_every_parameter(score_net):
     missing = [n for n, p in head.named_parameters()
                if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, missing
-    assert ("ratio" in logs) == score_net
+    assert ("ratio" in logs) == options.get("score_net", False)
 
 
 def test_score_net_training_is_stochastic_and_eval_is_not():
