@@ -1,10 +1,11 @@
 """YAML run configurations: a schema of known keys, ``base:`` inheritance and ``--set`` overrides.
 
-A config file is a mapping of sections (``data``, ``head``, ``loss``, ``optim``, ``eval``, ``run``);
-``base: other.yaml`` (relative to the file) names a config it extends: mappings merge key by key,
-any other value replaces the base's. Every key must exist in ``DEFAULTS`` (the schema, which also
+A config file is a mapping of sections (``data``, ``head``, ``loss``, ``optim``, ``eval``,
+``init``, ``run``); ``base: other.yaml`` (relative to the file) names a config it extends: mappings
+merge key by key, any other value replaces the base's. Every key must exist in ``DEFAULTS`` (the schema, which also
 supplies the default values); ``head`` and ``loss`` accept the options of the chosen head/loss (read
-from their registries) and ``optim.lr_mult`` maps parameter-name prefixes to lr multipliers.
+from their registries), ``optim.lr_mult`` maps parameter-name prefixes to lr multipliers and
+``init.rename`` maps the parameter-name prefixes of a warm-start checkpoint to this head's.
 
 ``--set key.sub=value`` overrides one key after the files are merged; the value is parsed as YAML
 (``--set optim.milestones=[10,20]``). PyYAML reads ``5e-4`` (no dot) as a string; keys whose default
@@ -61,6 +62,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "dev_images": None,           # dev evaluation during training on the first N images and
                                       # their captions only (None: the whole dev split)
     },
+    "init": {
+        "checkpoint": None,           # warm start: a checkpoint of another run (e.g. a linear head)
+                                      # whose matching weights initialise this head
+        "rename": {},                 # source-name prefix -> this head's prefix, e.g.
+                                      # {image_fc: vision_proj, text_fc: text_proj}
+    },
     "run": {
         "seed": 0,
         "device": "auto",             # auto | cpu | cuda | cuda:N
@@ -75,7 +82,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 OPEN_SECTIONS = ("head", "loss")      # options checked against the head / loss registries
-OPEN_MAPPINGS = (("optim", "lr_mult"),)
+OPEN_MAPPINGS = (("optim", "lr_mult"), ("init", "rename"))
 PRELOAD = ("none", "ram", "device", "auto")
 PROTOCOLS = ("full", "coco5k", "coco1k")
 OPTIMIZERS = ("adamw", "adam")
@@ -265,6 +272,8 @@ def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
             out[section][key] = _coerce(out[section][key], default, f"{section}.{key}", source)
     for prefix, mult in (out["optim"]["lr_mult"] or {}).items():
         out["optim"]["lr_mult"][prefix] = _coerce(mult, 1.0, f"optim.lr_mult.{prefix}", source)
+    for prefix, target in (out["init"]["rename"] or {}).items():
+        _coerce(target, "", f"init.rename.{prefix}", source)
     for section in OPEN_SECTIONS:
         known = _options(section, out[section].get("name"), source)
         for key, value in out[section].items():

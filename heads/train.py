@@ -12,6 +12,8 @@
 * dev evaluation after every epoch (``heads.evaluate.evaluate``; dev split, never test); the best
   dev rsum is kept as ``best.pt``, the last epoch as ``last.pt`` (atomic writes), ``log.jsonl``
   gets a record per epoch and every ``log_every`` steps, tensorboard when it is installed;
+* ``init.checkpoint`` warm-starts a new run from another run's weights (``init.rename`` maps their
+  names, e.g. a ``linear`` head's projections onto ``laps``'s); the caches must be the same;
 * ``resume=True`` continues from ``last.pt`` with the exact state (model, optimiser, schedule,
   loss, RNGs of every rank), so the next epoch equals the one of an uninterrupted run;
 * under ``torchrun`` (``WORLD_SIZE > 1``): DistributedDataParallel over ``heads.distributed``'s
@@ -43,7 +45,7 @@ from cache.store import ImageCache, TextCache
 from heads import build_head
 from heads.base import FeatureSpec, Head, Progress
 from heads.checkpoint import (FORMAT_VERSION, check_features, feature_identity, load_checkpoint,
-                              rng_state, save_checkpoint, set_rng_state)
+                              rng_state, save_checkpoint, set_rng_state, warm_start)
 from heads.config import cache_paths, save_config
 from heads.distributed import Dist, LossModule, gather_mode, init_distributed
 from heads.losses import build_loss
@@ -209,6 +211,8 @@ class Trainer:
             torch.manual_seed(config["run"]["seed"] + self.dist.rank)  # own dropout noise per rank
         if state is not None:
             self._restore(state)
+        elif config["init"]["checkpoint"]:
+            self._warm_start(config["init"])
         self.module = self._wrap()
         amp = config["run"]["amp"] and self.dist.device.type == "cuda"
         self.autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp)
@@ -301,6 +305,15 @@ class Trainer:
         self.best_rsum, self.best_epoch = state["best_rsum"], state["best_epoch"]
         rngs = state["rng"]
         set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
+
+    def _warm_start(self, init: dict[str, Any]) -> None:
+        """Load the matching weights of ``init.checkpoint`` (trained on the same caches)."""
+        source = load_checkpoint(init["checkpoint"])
+        for side, cache in (("image", self.train_images), ("text", self.train_texts)):
+            check_features(source["features"][side], cache, f"the warm-start checkpoint "
+                           f"{init['checkpoint']}")
+        names = warm_start(self.head, source, init["rename"] or {})
+        _note(f"warm start from {init['checkpoint']}: {', '.join(names)}", self.dist)
 
     def _state(self, epoch: int, metrics: dict[str, Any], rngs: list[dict[str, Any]]) -> dict[str, Any]:
         return {

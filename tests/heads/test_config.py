@@ -28,13 +28,15 @@ def config_file(tmp_path: Path) -> Path:
 def test_base_chain_defaults_and_typed_overrides(config_file: Path) -> None:
     cfg = load_config(config_file, ["optim.lr=1e-3", "optim.milestones=[1, 2]",
                                     "data.preload=ram", "head.use_prefix=false",
-                                    "optim.lr_mult.image_fc=0.1"])
+                                    "optim.lr_mult.image_fc=0.1",
+                                    "init.rename.image_fc=vision_proj"])
     assert cfg["optim"]["lr"] == 1e-3 and isinstance(cfg["optim"]["lr"], float)  # "1e-3" is a str in YAML
     assert cfg["optim"]["milestones"] == [1, 2] and cfg["optim"]["epochs"] == 3
     assert cfg["head"] == {"name": "linear", "embed_dim": 256, "use_prefix": False}
     assert cfg["data"]["image"] == "efficientnet_lite0"              # from the base file
     assert cfg["optim"]["gamma"] == DEFAULTS["optim"]["gamma"]       # from the schema
     assert cfg["optim"]["lr_mult"] == {"image_fc": 0.1}
+    assert cfg["init"] == {"checkpoint": None, "rename": {"image_fc": "vision_proj"}}
     image, text = cache_paths(cfg, "dev")
     assert image == Path("features/f8k/dev/image-efficientnet_lite0.h5")
     assert text == Path("features/f8k/dev/text-minilm.h5")
@@ -60,6 +62,8 @@ def test_head_flag_replaces_the_head(config_file: Path) -> None:
     ("run.threads=-1", "run.threads"),
     ("eval.dev_images=0", "eval.dev_images"),
     ("eval.dev_images=half", "eval.dev_images"),
+    ("init.rename.image_fc=3", "init.rename.image_fc"),
+    ("init.rename=[image_fc]", "init.rename"),
 ])
 def test_bad_overrides_name_the_key_and_the_file(config_file: Path, override: str,
                                                  needle: str) -> None:

@@ -104,6 +104,23 @@ def test_guards_before_training(features: Path, tmp_path: Path,
         Trainer(_config(features, "optim.lr_mult.no_such_module=0.1"), tmp_path / "run5")
 
 
+def test_warm_start_loads_another_runs_weights(features: Path, tmp_path: Path) -> None:
+    train(_config(features, epochs=1), tmp_path / "source", show_progress=False)
+    best = tmp_path / "source" / "best.pt"
+    trainer = Trainer(_config(features, f"init.checkpoint={best}"), tmp_path / "warm")
+    source = load_checkpoint(best)["model"]
+    assert all(torch.equal(trainer.head.state_dict()[k], source[k]) for k in source)
+    fresh = Trainer(_config(features), tmp_path / "fresh")
+    assert not torch.equal(fresh.head.image_fc.weight, source["image_fc.weight"])
+    with pytest.raises(InputError, match=r"best\.pt.*'image_fc\.weight'.*\(64, 32\)"):
+        Trainer(_config(features, f"init.checkpoint={best}", "head.embed_dim=32"), tmp_path / "w2")
+    other = tmp_path / "other"
+    write_split(other, "train", 20, weights_hash="different")
+    write_split(other, "dev", 10, weights_hash="different")
+    with pytest.raises(CacheMismatchError, match=r"train/image-synimg\.h5.*warm-start"):
+        Trainer(_config(other, f"init.checkpoint={best}"), tmp_path / "w3")
+
+
 def test_grid_heads_turn_image_token_drop_off(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from cache.store import CacheAttrs, ImageCacheWriter
