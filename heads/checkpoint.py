@@ -18,6 +18,7 @@ import torch
 from cache.errors import CacheMismatchError, InputError
 from heads import build_head
 from heads.base import FeatureSpec, Head
+from heads.config import longest_prefix
 
 FORMAT_VERSION = 1
 FEATURE_FIELDS = ("encoder", "weights_id", "weights_hash", "dim", "layer", "prefix_tokens",
@@ -104,11 +105,8 @@ def head_from_checkpoint(state: dict[str, Any], image_cache: Any = None,
 
 def _renamed(name: str, rename: dict[str, str]) -> str:
     """``name`` with its longest matching source prefix replaced (``image_fc`` -> ``vision_proj``)."""
-    matches = [p for p in rename if name == p or name.startswith(p + ".")]
-    if not matches:
-        return name
-    prefix = max(matches, key=len)
-    return rename[prefix] + name[len(prefix):]
+    prefix = longest_prefix(name, rename)
+    return name if prefix is None else rename[prefix] + name[len(prefix.rstrip(".")):]
 
 
 def warm_start(head: Head, state: dict[str, Any], rename: dict[str, str]) -> list[str]:
@@ -119,7 +117,7 @@ def warm_start(head: Head, state: dict[str, Any], rename: dict[str, str]) -> lis
     and at least one tensor must load. The caches are checked by the caller."""
     source = state.get("path", "checkpoint")
     for prefix in rename:
-        if not any(name == prefix or name.startswith(prefix + ".") for name in state["model"]):
+        if not any(longest_prefix(name, [prefix]) for name in state["model"]):
             raise InputError(f"{source}: init.rename names {prefix!r}, but head "
                              f"{state['head_name']!r} has no such weights "
                              f"({', '.join(sorted(state['model'])[:8])})")

@@ -2,10 +2,11 @@
 
 A config file is a mapping of sections (``data``, ``head``, ``loss``, ``optim``, ``eval``,
 ``init``, ``run``); ``base: other.yaml`` (relative to the file) names a config it extends: mappings
-merge key by key, any other value replaces the base's. Every key must exist in ``DEFAULTS`` (the schema, which also
-supplies the default values); ``head`` and ``loss`` accept the options of the chosen head/loss (read
-from their registries), ``optim.lr_mult`` maps parameter-name prefixes to lr multipliers and
-``init.rename`` maps the parameter-name prefixes of a warm-start checkpoint to this head's.
+merge key by key, any other value replaces the base's. Every key must exist in ``DEFAULTS`` (the
+schema, which also supplies the default values); ``head`` and ``loss`` accept the options of the
+chosen head/loss (read from their registries), ``optim.lr_mult`` maps parameter-name prefixes to lr
+multipliers and ``init.rename`` maps the parameter-name prefixes of a warm-start checkpoint to this
+head's (``longest_prefix`` resolves both).
 
 ``--set key.sub=value`` overrides one key after the files are merged; the value is parsed as YAML
 (``--set optim.milestones=[10,20]``). PyYAML reads ``5e-4`` (no dot) as a string; keys whose default
@@ -87,6 +88,13 @@ PRELOAD = ("none", "ram", "device", "auto")
 PROTOCOLS = ("full", "coco5k", "coco1k")
 OPTIMIZERS = ("adamw", "adam")
 DDP_GATHER = ("auto", "encodings", "inputs")
+
+
+def longest_prefix(name: str, prefixes: Iterable[str]) -> str | None:
+    """The longest of ``prefixes`` that names ``name`` or one of its parents (``image_fc`` for
+    ``image_fc.weight``; a trailing dot is ignored), or None."""
+    matches = [p for p in prefixes if name == p or name.startswith(p.rstrip(".") + ".")]
+    return max(matches, key=len) if matches else None
 
 
 def default_config() -> dict[str, Any]:

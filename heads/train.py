@@ -46,7 +46,7 @@ from heads import build_head
 from heads.base import FeatureSpec, Head, Progress
 from heads.checkpoint import (FORMAT_VERSION, check_features, feature_identity, load_checkpoint,
                               rng_state, save_checkpoint, set_rng_state, warm_start)
-from heads.config import cache_paths, save_config
+from heads.config import cache_paths, longest_prefix, save_config
 from heads.distributed import Dist, LossModule, gather_mode, init_distributed
 from heads.losses import build_loss
 
@@ -70,8 +70,7 @@ def param_groups(head: nn.Module, criterion: nn.Module, lr: float, weight_decay:
     used: set[str] = set()
     groups: dict[tuple[float, float], dict[str, Any]] = {}
     for name, param, decay in named:
-        matches = [prefix for prefix in lr_mult if name == prefix or name.startswith(prefix.rstrip(".") + ".")]
-        prefix = max(matches, key=len) if matches else None
+        prefix = longest_prefix(name, lr_mult)
         mult = lr_mult[prefix] if prefix is not None else 1.0
         if prefix is not None:
             used.add(prefix)

@@ -7,7 +7,7 @@ import pytest
 
 from cache.errors import InputError
 from heads.config import (DEFAULTS, apply_overrides, cache_paths, flatten, load_config,
-                          parse_override, save_config)
+                          longest_prefix, parse_override, save_config)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,6 +41,14 @@ def test_base_chain_defaults_and_typed_overrides(config_file: Path) -> None:
     assert image == Path("features/f8k/dev/image-efficientnet_lite0.h5")
     assert text == Path("features/f8k/dev/text-minilm.h5")
     assert load_config(config_file)["optim"]["lr"] == 5e-4
+
+
+def test_longest_prefix_names_a_parameter_or_its_parents() -> None:
+    prefixes = ["image", "image.fc", "text_fc."]
+    assert longest_prefix("image.fc.weight", prefixes) == "image.fc"
+    assert longest_prefix("image.norm.bias", prefixes) == "image"
+    assert longest_prefix("text_fc.bias", prefixes) == "text_fc."
+    assert longest_prefix("images.weight", prefixes) is None    # a name prefix, not a parent
 
 
 def test_head_flag_replaces_the_head(config_file: Path) -> None:

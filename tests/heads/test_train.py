@@ -119,6 +119,9 @@ def test_warm_start_loads_another_runs_weights(features: Path, tmp_path: Path) -
     write_split(other, "dev", 10, weights_hash="different")
     with pytest.raises(CacheMismatchError, match=r"train/image-synimg\.h5.*warm-start"):
         Trainer(_config(other, f"init.checkpoint={best}"), tmp_path / "w3")
+    with pytest.raises(InputError, match=r"no_run/best\.pt: checkpoint not found"):
+        Trainer(_config(features, f"init.checkpoint={tmp_path / 'no_run' / 'best.pt'}"),
+                tmp_path / "w4")
 
 
 def test_grid_heads_turn_image_token_drop_off(tmp_path: Path, capsys: pytest.CaptureFixture[str],
