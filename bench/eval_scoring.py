@@ -4,7 +4,7 @@ Both score the same encodings of a synthetic split (default 1,000 images x 5,000
 Flickr 1K test shape) with the same head: image caches shaped like ``efficientnet_lite0``
 (1 pooled + 7x7 patch tokens of 1280), captions like ``minilm`` ([CLS] + 10-20 words + [SEP], 384).
 
-* ours: ``heads.scoring.similarity_matrix`` (``head.score`` on blocks of images x captions);
+* ours: ``heads.eval.scoring.similarity_matrix`` (``head.score`` on blocks of images x captions);
 * loop: the reference style (SCAN / LAPS / CADR ``evaluation.py``): the images in shards of 256,
   the captions in shards of 256, and inside a shard a Python loop scoring one caption (trimmed to
   its own length) against the image shard. For ``laps`` and ``caa`` the loop also computes a pair
@@ -34,11 +34,11 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache.batch import TokenBatch  # noqa: E402
-from heads import build_head, head_options, list_heads  # noqa: E402
+from heads.registry import build_head, head_options, list_heads  # noqa: E402
 from heads.base import Encoded, FeatureSpec, Head, cat_encoded, index_encoded  # noqa: E402
 from heads.layers import l2norm, max_mean_alignment  # noqa: E402
-from heads.patch_slimming import caption_relevance  # noqa: E402
-from heads.scoring import (DEFAULT_CAPTION_BLOCK, DEFAULT_IMAGE_BLOCK, inference,  # noqa: E402
+from heads.layers.patch_slimming import caption_relevance  # noqa: E402
+from heads.eval.scoring import (DEFAULT_CAPTION_BLOCK, DEFAULT_IMAGE_BLOCK, inference,  # noqa: E402
                            similarity_matrix, synchronize)
 
 REFERENCE_SHARD = 256
@@ -69,7 +69,7 @@ def text_tokens(n: int, spec: FeatureSpec, generator: torch.Generator, words: tu
 
 def encode(head: Head, batch: TokenBatch, side: str, device: torch.device,
            batch_size: int = 256) -> Encoded:
-    """Encode synthetic tokens in batches, as ``heads.scoring.encode_cache`` does for a cache."""
+    """Encode synthetic tokens in batches, as ``heads.eval.scoring.encode_cache`` does for a cache."""
     fn = head.encode_images if side == "image" else head.encode_texts
     head.to(device)
     with inference(head, device):

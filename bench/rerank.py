@@ -36,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache.store import (CacheAttrs, ImageCache, ImageCacheWriter, TextCache,  # noqa: E402
                          TextCacheWriter)
-from heads import build_head, head_options  # noqa: E402
+from heads.registry import build_head, head_options  # noqa: E402
 from heads.base import FeatureSpec, Head  # noqa: E402
 from heads.checkpoint import head_from_checkpoint, load_checkpoint  # noqa: E402
-from heads.evaluate import evaluate, two_stage  # noqa: E402
-from heads.rerank import parse_topk  # noqa: E402
+from heads.eval.evaluate import evaluate, two_stage  # noqa: E402
+from heads.eval.rerank import parse_topk  # noqa: E402
 
 
 def write_synthetic_split(root: Path, n_img: int, per_image: int, tokens: int, dim: int,

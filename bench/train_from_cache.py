@@ -34,7 +34,7 @@ from cache.store import ImageCache, TextCache  # noqa: E402
 from extract.backbones import create_image_encoder, create_text_encoder  # noqa: E402
 from extract.datasets import SplitIndex, load_rgb, load_split  # noqa: E402
 from extract.runner import RunOptions, extract_images, extract_texts, limit_split  # noqa: E402
-from heads import build_head, head_options  # noqa: E402
+from heads.registry import build_head, head_options  # noqa: E402
 from heads.base import FeatureSpec, Head, Progress  # noqa: E402
 from heads.losses import build_loss  # noqa: E402
 

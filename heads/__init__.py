@@ -1,76 +1,13 @@
 """Stage two: retrieval heads trained from cached features.
 
-The head registry: ``register_head`` (decorator), ``build_head``, ``list_heads``. Every module named
-in ``_HEAD_MODULES`` is imported on first use of the registry, so a head exists once its module is
-listed there.
+* ``heads.models``: the heads, one module each (importing this package registers them all);
+* ``heads.layers``: the building blocks they share;
+* ``heads.eval``: scoring, metrics, two-stage re-ranking and split evaluation;
+* ``heads.base`` (the Head interface), ``heads.registry``, ``heads.config``, ``heads.losses``,
+  ``heads.train``, ``heads.checkpoint``, ``heads.distributed``: the training app;
+  ``heads.commands``: the click commands.
 """
-from __future__ import annotations
-
-import importlib
-import inspect
-from typing import Any, Callable, TypeVar
-
-from cache.errors import InputError
-from heads.base import FeatureSpec, Head
-
-_HEAD_MODULES = ("linear", "vse", "scan", "tgdt", "aladin", "laps", "caa", "hrem")
-_REGISTRY: dict[str, type[Head]] = {}
-_loaded = False
-
-H = TypeVar("H", bound=type[Head])
-
-
-def register_head(name: str) -> Callable[[H], H]:
-    """Class decorator: make a Head subclass buildable as ``name``."""
-
-    def decorator(cls: H) -> H:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"head {name!r} registered twice")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorator
-
-
-def _load_all() -> None:
-    global _loaded
-    if not _loaded:
-        for module in _HEAD_MODULES:
-            importlib.import_module(f"heads.{module}")
-        _loaded = True
-
-
-def list_heads() -> list[str]:
-    """Names of all registered heads."""
-    _load_all()
-    return sorted(_REGISTRY)
-
-
-def head_class(name: str) -> type[Head]:
-    """The class registered under ``name`` (InputError listing the known heads otherwise)."""
-    _load_all()
-    if name not in _REGISTRY:
-        raise InputError(f"unknown head {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
-
-
-def head_options(name: str) -> dict[str, Any]:
-    """The options a head accepts, with their defaults."""
-    params = inspect.signature(head_class(name).__init__).parameters
-    return {p.name: p.default for p in params.values()
-            if p.name not in ("self", "image_spec", "text_spec")
-            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-
-
-def build_head(name: str, image_spec: FeatureSpec, text_spec: FeatureSpec, **options: Any) -> Head:
-    """Instantiate head ``name`` for the given caches; unknown options are an InputError."""
-    cls = head_class(name)
-    unknown = sorted(set(options) - set(head_options(name)))
-    if unknown:
-        raise InputError(f"head {name!r} has no option(s) {unknown}; it accepts "
-                         f"{sorted(head_options(name))}")
-    return cls(image_spec, text_spec, **options)
-
+from heads.registry import build_head, head_class, head_options, list_heads, register_head
+from heads import models  # noqa: E402,F401  (registers every head)
 
 __all__ = ["register_head", "build_head", "list_heads", "head_class", "head_options"]

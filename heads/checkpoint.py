@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cache.errors import CacheMismatchError, InputError
-from heads import build_head
+from heads.registry import build_head
 from heads.base import FeatureSpec, Head
 from heads.config import longest_prefix
 

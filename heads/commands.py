@@ -1,7 +1,7 @@
 """Stage-two commands: ``cli train-head`` and ``cli eval``.
 
 The commands only parse options and print; the work is in ``heads.train`` (training),
-``heads.evaluate`` (scoring and metrics) and the helpers below (resolving configs, opening the
+``heads.eval.evaluate`` (scoring and metrics) and the helpers below (resolving configs, opening the
 caches of a checkpoint), which other commands and options reuse.
 """
 from __future__ import annotations
@@ -156,7 +156,7 @@ def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str 
     cli eval --checkpoint runs/f30k_scan/best.pt --rerank-topk 50 \
         --coarse-checkpoint runs/f30k_vse/best.pt
     """
-    from heads.evaluate import evaluate as run_evaluation
+    from heads.eval.evaluate import evaluate as run_evaluation
     from heads.distributed import resolve_device
 
     state = load_checkpoint(checkpoint)
@@ -206,10 +206,10 @@ def run_two_stage(checkpoint: str, state: dict[str, Any], fine: Any, image_cache
                   coarse_checkpoint: str | None, coarse_mode: str | None, fine_mode: str | None,
                   fuse_weight: float, protocol: str, batch_size: int, json_out: str | None,
                   options: dict[str, Any]) -> None:
-    """``cli eval --rerank-topk``: two-stage retrieval (``heads.evaluate.two_stage``), printed as
+    """``cli eval --rerank-topk``: two-stage retrieval (``heads.eval.evaluate.two_stage``), printed as
     the coarse-only and the final recall tables, and written to the JSON report."""
-    from heads.evaluate import two_stage
-    from heads.rerank import parse_topk
+    from heads.eval.evaluate import two_stage
+    from heads.eval.rerank import parse_topk
 
     coarse = fine
     if coarse_checkpoint is not None:

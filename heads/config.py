@@ -26,6 +26,7 @@ import yaml
 
 from cache.errors import InputError
 from cache.store import default_cache_path
+from heads.registry import head_options
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {
@@ -256,7 +257,6 @@ def _options(section: str, name: Any, source: str) -> dict[str, Any]:
         raise InputError(f"{source}: '{section}.name' is missing (pass --{section} NAME or set it)"
                          if section == "head" else f"{source}: '{section}.name' is missing")
     if section == "head":
-        from heads import head_options
         return head_options(name)
     from heads.losses import loss_options
     return loss_options(name)

@@ -9,7 +9,7 @@
 * bf16 autocast on CUDA, fp32 on the CPU; no host synchronisation per step (the loss is summed on
   the device and read every ``run.log_every`` steps, where a NaN/Inf loss stops the run naming the
   first bad step);
-* dev evaluation after every epoch (``heads.evaluate.evaluate``; dev split, never test); the best
+* dev evaluation after every epoch (``heads.eval.evaluate.evaluate``; dev split, never test); the best
   dev rsum is kept as ``best.pt``, the last epoch as ``last.pt`` (atomic writes), ``log.jsonl``
   gets a record per epoch and every ``log_every`` steps, tensorboard when it is installed;
 * ``init.checkpoint`` warm-starts a new run from another run's weights (``init.rename`` maps their
@@ -42,7 +42,7 @@ from tqdm import tqdm
 from cache.datasets import EpochBatches, PairBatches, check_pair_caches, pair_loader, resolve_preload
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
-from heads import build_head
+from heads.registry import build_head
 from heads.base import FeatureSpec, Head, Progress
 from heads.checkpoint import (FORMAT_VERSION, check_features, feature_identity, load_checkpoint,
                               rng_state, save_checkpoint, set_rng_state, warm_start)
@@ -123,10 +123,10 @@ def _note(message: str, dist_info: Dist) -> None:
 
 def evaluate_split(head: Head, images: ImageCache, texts: TextCache, eval_cfg: dict[str, Any],
                    device: torch.device, protocol: str | None = None) -> dict[str, Any]:
-    """Metrics of ``head`` on one split through ``heads.evaluate.evaluate`` (eval mode, no grad);
+    """Metrics of ``head`` on one split through ``heads.eval.evaluate.evaluate`` (eval mode, no grad);
     ``eval.dev_images`` limits the gallery to the split's first images (cheaper model selection
     for interaction heads, whose cost grows with images x captions)."""
-    from heads.evaluate import evaluate
+    from heads.eval.evaluate import evaluate
 
     options = {k: eval_cfg[k] for k in ("batch_size", "image_block", "caption_block")
                if eval_cfg.get(k) is not None}

@@ -7,7 +7,7 @@ import torch
 from cache.errors import InputError
 from heads.base import FeatureSpec
 from heads.checkpoint import warm_start
-from heads.linear import LinearHead
+from heads.models.linear import LinearHead
 
 IMAGE = FeatureSpec("image", 12, prefix_tokens=1)
 TEXT = FeatureSpec("text", 8, prefix_tokens=1, suffix_tokens=1)

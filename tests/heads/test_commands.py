@@ -9,7 +9,7 @@ import pytest
 
 import cli
 from heads.checkpoint import load_checkpoint
-from heads.linear import LinearHead
+from heads.models.linear import LinearHead
 from tests.heads.synthetic_caches import config_overrides, write_dataset, write_split
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cache.batch import TokenBatch
-from heads import build_head, list_heads
+from heads.registry import build_head, list_heads
 from heads.base import FeatureSpec, Progress
 from heads.checkpoint import load_checkpoint
 from heads.config import load_config
@@ -103,7 +103,7 @@ def _free_port() -> int:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[dict[str, Any]]]:
     features = write_dataset(tmp_path_factory.mktemp("features"), train=40, dev=20, test=4)
     out = tmp_path_factory.mktemp("runs")
-    importlib.import_module("heads.evaluate")   # imported once here, inherited by the children
+    importlib.import_module("heads.eval.evaluate")   # imported once here, inherited by the children
     list_heads()
     # fork: the children inherit the imported modules (a spawn re-imports torch: ~10 s on a busy CPU)
     mp.start_processes(_worker, args=(_free_port(), str(features), str(out)), nprocs=WORLD,

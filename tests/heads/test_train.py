@@ -12,7 +12,7 @@ from cache.errors import CacheMismatchError, InputError
 from cache.store import ImageCache, TextCache
 from heads.checkpoint import head_from_checkpoint, load_checkpoint
 from heads.config import load_config
-from heads.linear import LinearHead
+from heads.models.linear import LinearHead
 from heads.losses import build_loss
 from heads.train import (NonFiniteLossError, Trainer, evaluate_split, lr_factor, param_groups,
                          train)

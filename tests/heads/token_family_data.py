@@ -12,7 +12,7 @@ from torch import Tensor
 from cache.batch import TokenBatch
 from heads.base import FeatureSpec, Progress
 from heads.losses import HingeLoss
-from heads.metrics import recall_metrics
+from heads.eval.metrics import recall_metrics
 from tests.heads.synthetic_pairs import SyntheticWorld
 
 
