@@ -115,6 +115,19 @@ class Head(nn.Module):
                                      f"a grid, but encoder {image_spec.encoder!r} has no grid "
                                      "(region features?)")
 
+    def pretrained_parts(self) -> dict[str, str]:
+        """Submodules this head takes, already trained, from another run: ``{submodule name:
+        checkpoint path}`` (e.g. a distilled teacher). A head never reads files: the trainer loads
+        them (``heads.checkpoint.load_pretrained_parts``) and calls ``part_loaded``."""
+        return {}
+
+    def part_loaded(self, name: str) -> None:
+        """Called after the weights of ``pretrained_parts()[name]`` were copied into the head."""
+
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        """Parameter-name prefixes that receive no gradient by design (e.g. ``"teacher."``)."""
+        return ()
+
     def encode_images(self, batch: TokenBatch) -> Encoded:
         raise NotImplementedError
 

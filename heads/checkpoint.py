@@ -19,6 +19,7 @@ from cache.errors import CacheMismatchError, InputError
 from heads.registry import build_head
 from heads.base import FeatureSpec, Head
 from heads.config import longest_prefix
+from heads.registry import build_head
 
 FORMAT_VERSION = 1
 FEATURE_FIELDS = ("encoder", "weights_id", "weights_hash", "dim", "layer", "prefix_tokens",
@@ -137,6 +138,32 @@ def warm_start(head: Head, state: dict[str, Any], rename: dict[str, str]) -> lis
                          f"head {head.name!r}; map names with init.rename")
     head.load_state_dict(loaded, strict=False)
     return sorted(loaded)
+
+
+def load_pretrained_parts(head: Head) -> list[str]:
+    """Copy into ``head`` the submodules it takes from other runs (``head.pretrained_parts()``):
+    for each ``{name: path}``, only the weights under ``name.`` of that checkpoint, which must be
+    a run of the same head whose part has the same shapes. Returns the names loaded."""
+    loaded = []
+    for name, path in head.pretrained_parts().items():
+        state = load_checkpoint(path)
+        if state["head_name"] != head.name:
+            raise InputError(f"{path}: a checkpoint of head {state['head_name']!r}; the {name} "
+                             f"of head {head.name!r} must come from a run of head {head.name!r}")
+        part = {k[len(name) + 1:]: v for k, v in state["model"].items()
+                if k.startswith(f"{name}.")}
+        own = head.get_submodule(name).state_dict()
+        problems = [f"missing {k}" for k in sorted(set(own) - set(part))]
+        problems += [f"unexpected {k}" for k in sorted(set(part) - set(own))]
+        problems += [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)} here"
+                     for k, v in part.items() if k in own and v.shape != own[k].shape]
+        if problems:
+            raise InputError(f"{path}: its {name} does not fit this head (check the head options "
+                             f"and the caches): {'; '.join(problems[:4])}")
+        head.get_submodule(name).load_state_dict(part)
+        head.part_loaded(name)
+        loaded.append(name)
+    return loaded
 
 
 # ------------------------------------------------------------------------------------ RNG states

@@ -45,7 +45,8 @@ from cache.store import ImageCache, TextCache
 from heads.registry import build_head
 from heads.base import FeatureSpec, Head, Progress
 from heads.checkpoint import (FORMAT_VERSION, check_features, feature_identity, load_checkpoint,
-                              rng_state, save_checkpoint, set_rng_state, warm_start)
+                              load_pretrained_parts, rng_state, save_checkpoint,
+                              set_rng_state, warm_start)
 from heads.config import cache_paths, longest_prefix, save_config
 from heads.distributed import Dist, LossModule, gather_mode, init_distributed
 from heads.losses import build_loss
@@ -210,8 +211,12 @@ class Trainer:
             torch.manual_seed(config["run"]["seed"] + self.dist.rank)  # own dropout noise per rank
         if state is not None:
             self._restore(state)
-        elif config["init"]["checkpoint"]:
-            self._warm_start(config["init"])
+        else:
+            if config["init"]["checkpoint"]:
+                self._warm_start(config["init"])
+            for name in load_pretrained_parts(self.head):
+                _note(f"{name} of head {self.head.name!r} loaded from "
+                      f"{self.head.pretrained_parts()[name]}", self.dist)
         self.module = self._wrap()
         amp = config["run"]["amp"] and self.dist.device.type == "cuda"
         self.autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp)

@@ -11,10 +11,12 @@
 Training stages (``stage``):
 
 * ``teacher``: the alignment hinge (the configured criterion) on the in-batch MrSw matrix only;
-* ``student``: the teacher is loaded from ``teacher_checkpoint`` (a finished ``teacher`` or
-  ``joint`` run of this head) and frozen (no gradient, eval mode). A student run's own checkpoint
-  holds the teacher too, so rebuilding it (``cli eval``, resume) does not need that file; a missing
-  file is an error at the first encoding or training step. Loss =
+* ``student``: the teacher comes from ``teacher_checkpoint`` (a finished ``teacher`` or ``joint``
+  run of this head) and is frozen (no gradient, eval mode). The head only names that file
+  (``pretrained_parts``); the trainer copies the run's ``teacher.*`` weights in, and nothing else
+  of it. A student run's own checkpoint holds the teacher too, so rebuilding it (``cli eval``,
+  resume) does not need that file; a teacher never loaded is an error at the first encoding or
+  training step. Loss =
   ``distill_weight * ListNet(teacher, student)`` (both directions, student scores times
   ``student_scale``) ``+ matching_weight * hinge(student)``;
 * ``joint``: ``alignment_weight * hinge(teacher) + matching_weight * hinge(student) +
@@ -50,7 +52,6 @@ Deviations from the released code (mesnico/ALADIN), all deliberate:
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import torch
@@ -60,7 +61,6 @@ from cache.batch import TokenBatch
 from cache.errors import InputError
 from heads.registry import register_head
 from heads.base import Criterion, Encoded, FeatureSpec, Head, Progress
-from heads.checkpoint import load_checkpoint
 from heads.layers import l2norm, mrsw, mrsw_block
 from heads.losses import listnet_distillation
 from heads.layers.token_sets import (TokenTransformer, alignment_set, check_drop_rule,
@@ -169,40 +169,32 @@ class ALADINHead(Head):
                 raise InputError("aladin: stage 'student' distils a trained teacher; set "
                                  "head.teacher_checkpoint to a teacher run's checkpoint "
                                  "(e.g. runs/<teacher>/best.pt)")
-            # A finished student run carries its teacher: rebuilding it from its own checkpoint
-            # (evaluation, resume) works without the teacher file, via load_state_dict.
-            if os.path.exists(teacher_checkpoint):
-                self.load_teacher(teacher_checkpoint)
+            # The trainer copies the teacher in (pretrained_parts); a student run's own checkpoint
+            # carries it too, so rebuilding that run (evaluation, resume) needs no teacher file.
             self.teacher.requires_grad_(False)
             self.teacher.eval()
             self.register_load_state_dict_post_hook(_teacher_loaded)
 
     # ------------------------------------------------------------------------ teacher loading
 
-    def load_teacher(self, path: str | os.PathLike) -> None:
-        """Copy the teacher weights of a checkpoint of another ``aladin`` run into this head."""
-        state = load_checkpoint(path)
-        if state["head_name"] != self.name:
-            raise InputError(f"{path}: a checkpoint of head {state['head_name']!r}; the teacher "
-                             f"must come from a run of head {self.name!r}")
-        teacher = {k[len("teacher."):]: v for k, v in state["model"].items()
-                   if k.startswith("teacher.")}
-        own = self.teacher.state_dict()
-        problems = [f"missing {k}" for k in sorted(set(own) - set(teacher))]
-        problems += [f"unexpected {k}" for k in sorted(set(teacher) - set(own))]
-        problems += [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)} here"
-                     for k, v in teacher.items() if k in own and v.shape != own[k].shape]
-        if problems:
-            raise InputError(f"{path}: its teacher does not fit this head (check embed_dim, "
-                             f"teacher_layers, teacher_ff_dim and the caches): "
-                             f"{'; '.join(problems[:4])}")
-        self.teacher.load_state_dict(teacher)
-        self._teacher_ready = True
+    def pretrained_parts(self) -> dict[str, str]:
+        """Stage ``student``: the ``teacher`` comes from ``teacher_checkpoint``."""
+        return {"teacher": self.teacher_checkpoint} if self.stage == "student" else {}
+
+    def part_loaded(self, name: str) -> None:
+        if name == "teacher":
+            self._teacher_ready = True
+
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        """Stage ``student`` trains the student only; the teacher is frozen."""
+        return ("teacher.",) if self.stage == "student" else ()
 
     def _require_teacher(self) -> None:
         if not self._teacher_ready:
-            raise InputError(f"{self.teacher_checkpoint}: teacher checkpoint not found "
-                             "(head.teacher_checkpoint of stage 'student')")
+            raise InputError(f"aladin: the teacher of stage 'student' was never loaded from "
+                             f"{self.teacher_checkpoint} (head.teacher_checkpoint); train with "
+                             "cli train-head, or load it with "
+                             "heads.checkpoint.load_pretrained_parts")
 
     def train(self, mode: bool = True) -> "ALADINHead":
         """As ``nn.Module.train``; a frozen teacher (stage ``student``) stays in eval mode."""

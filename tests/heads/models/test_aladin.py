@@ -13,7 +13,7 @@ from cache.errors import InputError
 from heads.registry import build_head
 from heads.base import FeatureSpec, Progress, index_encoded
 from heads.checkpoint import (FORMAT_VERSION, head_from_checkpoint, load_checkpoint,
-                              save_checkpoint)
+                              load_pretrained_parts, save_checkpoint)
 from heads.layers import l2norm
 from heads.losses import HingeLoss
 from tests.heads.synthetic_pairs import repad
@@ -33,8 +33,11 @@ def world() -> FramedWorld:
 
 
 def make_head(world: FramedWorld, seed: int = 0, **options):
+    """A head as the trainer builds it: constructed, then its teacher copied in (stage student)."""
     torch.manual_seed(seed)
-    return build_head("aladin", world.image_spec, world.text_spec, **{**SMALL, **options})
+    head = build_head("aladin", world.image_spec, world.text_spec, **{**SMALL, **options})
+    load_pretrained_parts(head)
+    return head
 
 
 def write_run(head, path) -> str:
@@ -137,18 +140,33 @@ def test_student_stage_freezes_the_loaded_teacher(world, tmp_path):
 def test_teacher_checkpoint_errors(world, tmp_path):
     with pytest.raises(InputError, match="teacher_checkpoint"):
         make_head(world, stage="student")
-    missing = make_head(world, stage="student", teacher_checkpoint=str(tmp_path / "none.pt"))
+    with pytest.raises(InputError, match="none.pt: checkpoint not found"):
+        make_head(world, stage="student", teacher_checkpoint=str(tmp_path / "none.pt"))
+    never_loaded = build_head("aladin", world.image_spec, world.text_spec, stage="student",
+                              teacher_checkpoint=str(tmp_path / "none.pt"), **SMALL)
     batch = sample(world, 4).batch(torch.arange(8))
-    with pytest.raises(InputError, match="none.pt: teacher checkpoint not found"):
-        missing.training_loss(*batch, CRITERION, Progress())
-    with pytest.raises(InputError, match="not found"):
-        missing.encode_images(batch[0])
+    with pytest.raises(InputError, match="teacher of stage 'student' was never loaded"):
+        never_loaded.training_loss(*batch, CRITERION, Progress())
+    with pytest.raises(InputError, match="never loaded"):
+        never_loaded.encode_images(batch[0])
     wide = make_head(world, stage="teacher", embed_dim=32)
     with pytest.raises(InputError, match="does not fit"):
         make_head(world, stage="student", teacher_checkpoint=write_run(wide, tmp_path / "w.pt"))
     other = build_head("linear", world.image_spec, world.text_spec)
     with pytest.raises(InputError, match="head 'linear'"):
         make_head(world, stage="student", teacher_checkpoint=write_run(other, tmp_path / "l.pt"))
+
+
+def test_only_the_teacher_of_a_teacher_run_is_loaded(world, tmp_path):
+    """A joint run also holds a trained student: a new student run takes its teacher only."""
+    joint = make_head(world, seed=1, stage="joint")
+    path = write_run(joint, tmp_path / "joint.pt")
+    student = make_head(world, seed=2, stage="student", teacher_checkpoint=path)
+    fresh = make_head(world, seed=2, stage="joint")
+    for name, value in student.state_dict().items():
+        source = joint if name.startswith("teacher.") else fresh
+        assert torch.equal(value, source.state_dict()[name]), name
+    assert student.frozen_prefixes() == ("teacher.",) and joint.frozen_prefixes() == ()
 
 
 def test_a_student_run_rebuilds_without_its_teacher_file(world, tmp_path):
