@@ -35,8 +35,10 @@ _CHUNK_ELEMENTS = 1 << 24  # bound on the boolean temporaries of the rank counts
 
 
 def clean_scores(sims: Tensor) -> Tensor:
-    """Scores as float32 with NaN replaced by -inf (ranked last)."""
-    sims = sims.float()
+    """Scores as float32 (float64 kept as it is, lower precisions widened) with NaN replaced by
+    -inf (ranked last)."""
+    if sims.dtype not in (torch.float32, torch.float64):
+        sims = sims.float()
     nan = torch.isnan(sims)
     return sims.masked_fill(nan, float("-inf")) if nan.any() else sims
 
@@ -61,7 +63,7 @@ def best_gt_scores(sims: Tensor, caption_image: Tensor) -> tuple[Tensor, Tensor]
     how many ground truths reach it."""
     n_img = sims.shape[0]
     gt = sims[caption_image, torch.arange(sims.shape[1], device=sims.device)]
-    best = torch.full((n_img,), float("-inf"), device=sims.device)
+    best = torch.full((n_img,), float("-inf"), dtype=sims.dtype, device=sims.device)
     best = best.scatter_reduce(0, caption_image, gt, reduce="amax", include_self=True)
     at_best = torch.zeros(n_img, dtype=torch.long, device=sims.device)
     at_best.scatter_add_(0, caption_image, (gt >= best[caption_image]).long())

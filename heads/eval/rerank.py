@@ -113,7 +113,7 @@ def rerank(coarse: Tensor, caption_image: Tensor, fine: FineScorer, k_i2t: int, 
     seconds["shortlist"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    pair_scores = fine(image_rows, caption_rows).float().cpu()
+    pair_scores = clean_scores(fine(image_rows, caption_rows).cpu())
     seconds["fine"] = time.perf_counter() - start
 
     start = time.perf_counter()

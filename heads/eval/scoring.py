@@ -3,7 +3,12 @@
 Embedding branches are scored by one matrix product (in row chunks when the matrix is huge);
 interaction branches by ``head.score`` on a block of images x a block of captions, vectorised inside
 the block, never a Python loop per caption. Encodings stay on the device; each block of columns is
-copied to the host once. On CUDA everything runs under bf16 autocast.
+copied to the host once.
+
+Precision: encoders run under bf16 autocast on CUDA (``amp``) and their outputs are kept as float32;
+every score (``head.score`` / ``head.score_pairs``) is computed in float32 with autocast off, so
+near-equal scores are not rounded into ties that the pessimistic tie rule of ``heads.eval.metrics``
+would count against the ground truth. On the CPU nothing runs in reduced precision by default.
 """
 from __future__ import annotations
 
@@ -13,11 +18,11 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from cache.batch import TokenBatch
 from cache.datasets import token_batches
 from cache.errors import InputError
+from cache.progress import progress_bar
 from cache.store import ImageCache, TextCache
 from heads.base import Encoded, Head, cat_encoded, index_encoded, map_encoded, num_items
 
@@ -28,17 +33,27 @@ EMBEDDING_CHUNK_ELEMENTS = 1 << 26  # one embedding product writes at most this 
 
 
 @contextlib.contextmanager
-def inference(head: Head, device: torch.device) -> Iterator[None]:
-    """Eval mode (restored afterwards), no autograd, bf16 autocast on CUDA."""
+def inference(head: Head, device: torch.device, amp: bool = False) -> Iterator[None]:
+    """Eval mode (restored afterwards), no autograd; bf16 autocast on ``device`` when ``amp``,
+    autocast explicitly off otherwise (float32 even inside a caller's autocast region)."""
     was_training = head.training
     head.eval()
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
     try:
         with torch.inference_mode(), autocast:
             yield
     finally:
         head.train(was_training)
+
+
+def default_amp(device: torch.device) -> bool:
+    """Encoders run under bf16 autocast on CUDA, in float32 elsewhere."""
+    return device.type == "cuda"
+
+
+def _as_float32(enc: Encoded) -> Encoded:
+    """Floating tensors of an encoding as float32 (masks and indices unchanged)."""
+    return map_encoded(enc, lambda t: t.float() if t.is_floating_point() else t)
 
 
 def synchronize(device: torch.device) -> None:
@@ -49,13 +64,15 @@ def synchronize(device: torch.device) -> None:
 
 def encode_cache(head: Head, cache: ImageCache | TextCache, device: torch.device | str,
                  batch_size: int = 256, progress: bool = False,
-                 rows: np.ndarray | None = None) -> Encoded:
+                 rows: np.ndarray | None = None, amp: bool | None = None) -> Encoded:
     """Encode every row of an image or text cache once, in order (or only ``rows``, in their
-    order); the result stays on ``device``.
+    order); the result stays on ``device``, in float32.
 
-    The fp16 cached tokens are moved to the device as stored and cast to float32 there.
+    The fp16 cached tokens are moved to the device as stored and cast to float32 there; the head
+    runs under bf16 autocast when ``amp`` (default: on CUDA).
     """
     device = torch.device(device)
+    amp = default_amp(device) if amp is None else amp
     if len(cache) == 0:
         raise InputError(f"{cache.path}: the cache has no rows to evaluate")
     encode = head.encode_images if cache.attrs.modality == "image" else head.encode_texts
@@ -63,11 +80,11 @@ def encode_cache(head: Head, cache: ImageCache | TextCache, device: torch.device
     parts: list[Encoded] = []
     count = len(cache) if rows is None else len(rows)
     batches = token_batches(cache, batch_size, rows)
-    with inference(head, device):
-        for _, batch in tqdm(batches, total=-(-count // batch_size), disable=not progress,
-                             desc=f"encode {cache.attrs.modality}s", leave=False):
+    with inference(head, device, amp):
+        for _, batch in progress_bar(batches, total=-(-count // batch_size), disable=not progress,
+                                     desc=f"encode {cache.attrs.modality}s", leave=False):
             batch = batch.to(device)
-            parts.append(encode(TokenBatch(batch.tokens.float(), batch.mask)))
+            parts.append(_as_float32(encode(TokenBatch(batch.tokens.float(), batch.mask))))
     return cat_encoded(parts)
 
 
@@ -75,8 +92,8 @@ def similarity_matrix(head: Head, img_enc: Encoded, txt_enc: Encoded, device: to
                       image_block: int = DEFAULT_IMAGE_BLOCK,
                       caption_block: int = DEFAULT_CAPTION_BLOCK,
                       progress: bool = False) -> Tensor:
-    """Scores ``[N_img, N_cap]`` (float32, CPU) of every image against every caption, with the
-    head's active branch (``head.score_kind``).
+    """Scores ``[N_img, N_cap]`` (float32, computed in float32, on the CPU) of every image against
+    every caption, with the head's active branch (``head.score_kind``).
 
     "embedding": one product ``head.score(images, all captions)`` per chunk of image rows (a single
     product unless the matrix exceeds ``EMBEDDING_CHUNK_ELEMENTS``; the block sizes are ignored).
@@ -94,15 +111,15 @@ def similarity_matrix(head: Head, img_enc: Encoded, txt_enc: Encoded, device: to
     image_starts = range(0, n_img, image_block)
     caption_starts = range(0, n_cap, caption_block)
     head.to(device)
-    bar = tqdm(total=len(image_starts) * len(caption_starts), disable=not progress,
-               desc=f"score ({head.score_kind})", leave=False)
+    bar = progress_bar(total=len(image_starts) * len(caption_starts), disable=not progress,
+                       desc=f"score ({head.score_kind})", leave=False)
     with inference(head, device), bar:
         for c0 in caption_starts:
             texts = _on(index_encoded(txt_enc, slice(c0, c0 + caption_block)), device)
             column = torch.empty(n_img, num_items(texts), dtype=torch.float32, device=device)
             for i0 in image_starts:
                 images = _on(index_encoded(img_enc, slice(i0, i0 + image_block)), device)
-                column[i0:i0 + image_block] = head.score(images, texts).float()
+                column[i0:i0 + image_block] = head.score(images, texts)
                 bar.update()
             out[:, c0:c0 + caption_block] = column.cpu()
     return out
@@ -111,7 +128,7 @@ def similarity_matrix(head: Head, img_enc: Encoded, txt_enc: Encoded, device: to
 def score_pairs(head: Head, img_enc: Encoded, txt_enc: Encoded, image_rows: Tensor,
                 caption_rows: Tensor, device: torch.device | str,
                 pair_batch: int = DEFAULT_PAIR_BATCH, progress: bool = False) -> Tensor:
-    """Scores ``[P]`` (float32, CPU) of the pairs (image_rows[p], caption_rows[p]) with the head's
+    """Scores ``[P]`` (float32, computed in float32, on the CPU) of the pairs (image_rows[p], caption_rows[p]) with the head's
     active branch, ``pair_batch`` aligned pairs per ``head.score_pairs`` call.
 
     The row indices go to the device once; each batch gathers its encodings there.
@@ -124,11 +141,11 @@ def score_pairs(head: Head, img_enc: Encoded, txt_enc: Encoded, image_rows: Tens
     head.to(device)
     starts = range(0, image_rows.numel(), pair_batch)
     with inference(head, device):
-        for p0 in tqdm(starts, disable=not progress, desc="score pairs", leave=False):
+        for p0 in progress_bar(starts, disable=not progress, desc="score pairs", leave=False):
             rows = slice(p0, p0 + pair_batch)
             images = index_encoded(img_enc, image_rows[rows].to(_device_of(img_enc)))
             texts = index_encoded(txt_enc, caption_rows[rows].to(_device_of(txt_enc)))
-            out[rows] = head.score_pairs(_on(images, device), _on(texts, device)).float()
+            out[rows] = head.score_pairs(_on(images, device), _on(texts, device))
     return out.cpu()
 
 

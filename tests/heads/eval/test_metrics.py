@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cache.errors import InputError
-from heads.eval.metrics import (METRIC_KEYS, fold, fold_indices, protocol_metrics, recall_metrics,
-                           t2i_ranks)
+from heads.eval.metrics import (METRIC_KEYS, fold, fold_indices, i2t_ranks, protocol_metrics,
+                                recall_metrics, t2i_ranks)
 
 
 def reference_ranks(sims: np.ndarray, caption_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -155,3 +155,13 @@ def test_bad_inputs() -> None:
         recall_metrics(torch.zeros(10, 4), torch.tensor([0, 1, 2, 10]))
     with pytest.raises(InputError, match="3 caption image indices"):
         recall_metrics(torch.zeros(10, 4), torch.tensor([0, 1, 2]))
+
+
+def test_float64_scores_are_ranked_without_truncation() -> None:
+    """A ground truth ahead by 1e-12 ranks first in float64; truncated to float32 it would tie
+    with the negative and the pessimistic rule would rank it second."""
+    sims = torch.tensor([[0.5 + 1e-12, 0.5], [0.5, 0.5 + 1e-12]], dtype=torch.float64)
+    caption_image = torch.tensor([0, 1])
+    assert i2t_ranks(sims, caption_image).tolist() == [0, 0]
+    assert t2i_ranks(sims, caption_image).tolist() == [0, 0]
+    assert i2t_ranks(sims.float(), caption_image).tolist() == [1, 1]

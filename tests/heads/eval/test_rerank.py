@@ -10,11 +10,11 @@ import torch
 from torch import Tensor
 
 from cache.errors import InputError
-from heads.registry import build_head, list_heads
+from heads.registry import build_head
 from heads.eval.evaluate import evaluate, two_stage
 from heads.eval.metrics import recall_metrics
 from heads.eval.rerank import parse_topk, rerank
-from tests.heads.eval.test_evaluate import TwoBranch, specs, write_split
+from tests.heads.eval.eval_world import TwoBranch, specs, write_split
 
 
 def lookup(fine: Tensor):
@@ -155,7 +155,6 @@ def test_one_head_in_two_modes_on_caches(tmp_path: Path) -> None:
     assert short["pairs_scored"] < 12 * 36 and short["topk"] == {"i2t": 3, "t2i": 3}
 
 
-@pytest.mark.skipif(not {"vse", "scan"} <= set(list_heads()), reason="needs the vse and scan heads")
 def test_embedding_head_then_interaction_head_on_caches(tmp_path: Path) -> None:
     image, text = write_split(tmp_path)
     torch.manual_seed(0)
@@ -167,7 +166,6 @@ def test_embedding_head_then_interaction_head_on_caches(tmp_path: Path) -> None:
     assert got["coarse"] == evaluate(coarse, image, text)["metrics"]
 
 
-@pytest.mark.skipif("tgdt" not in list_heads(), reason="needs the tgdt head")
 def test_tgdt_global_shortlist_local_rerank(tmp_path: Path) -> None:
     image, text = write_split(tmp_path)
     torch.manual_seed(0)
@@ -208,8 +206,6 @@ def test_eval_command_two_stage(tmp_path: Path) -> None:
     from heads.commands import evaluate as eval_command
 
     image, text = write_split(tmp_path)
-    if not {"vse", "scan"} <= set(list_heads()):
-        pytest.skip("needs the vse and scan heads")
     paths = {name: _save_head(tmp_path / f"{name}.pt", name, image, text) for name in ("vse", "scan")}
     report = tmp_path / "report.json"
     result = CliRunner().invoke(eval_command, [
@@ -229,8 +225,6 @@ def test_eval_command_mode_selects_the_branch(tmp_path: Path) -> None:
     from heads.commands import evaluate as eval_command
 
     image, text = write_split(tmp_path)
-    if "tgdt" not in list_heads():
-        pytest.skip("needs the tgdt head")
     checkpoint = _save_head(tmp_path / "tgdt.pt", "tgdt", image, text)
     base = ["--checkpoint", str(checkpoint), "--images", str(image.path), "--texts",
             str(text.path), "--device", "cpu"]
