@@ -27,7 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from extract.backbones import create_image_encoder  # noqa: E402
 from extract.datasets import ImageDataset, load_split  # noqa: E402
-from extract.runner import RunOptions, extract_images, limit_split, resolve_device  # noqa: E402
+from cache.device import resolve_device  # noqa: E402
+from extract.runner import RunOptions, extract_images, limit_split  # noqa: E402
 
 
 def bare_pass(index, encoder, options: RunOptions) -> float:

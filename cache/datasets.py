@@ -273,7 +273,7 @@ class PairBatches(torch.utils.data.Dataset):
     def __init__(self, images: ImageCache, texts: TextCache, seed: int = 0,
                  image_drop: float = 0.0, text_drop: float = 0.0, preload: str = "none",
                  device: torch.device | None = None, float32: bool = False) -> None:
-        check_pair_caches(images, texts)
+        check_pairing(images, texts)
         self.images, self.texts, self.seed = images, texts, seed
         self.image_drop = TokenDrop(image_drop, images.attrs.prefix_tokens, images.attrs.suffix_tokens)
         self.text_drop = TokenDrop(text_drop, texts.attrs.prefix_tokens, texts.attrs.suffix_tokens)
@@ -307,13 +307,29 @@ class PairBatches(torch.utils.data.Dataset):
         return images, texts, torch.from_numpy(image_rows)
 
 
-def check_pair_caches(images: ImageCache, texts: TextCache) -> None:
-    """Fail naming the text cache when its captions point at rows the image cache lacks."""
-    index = np.asarray(texts.image_index)
-    if len(index) and (index.min() < 0 or index.max() >= len(images)):
-        bad = int(np.argmax((index < 0) | (index >= len(images))))
-        raise InputError(f"{texts.path}: caption row {bad} points at image row {int(index[bad])}, "
-                         f"but {images.path} has {len(images)} images (caches of different splits?)")
+def check_pairing(image_cache: ImageCache, text_cache: TextCache) -> Tensor:
+    """The caption -> image rows of a split (training and evaluation), after checking that the
+    text cache describes the image cache: same dataset/split attributes (where both are set),
+    every caption pointing to an existing image and every image having a caption. Mismatches name
+    both files."""
+    files = f"{text_cache.path} and {image_cache.path}"
+    ia, ta = image_cache.attrs, text_cache.attrs
+    for name in ("dataset", "split"):
+        if getattr(ia, name) and getattr(ta, name) and getattr(ia, name) != getattr(ta, name):
+            raise InputError(f"{files}: not the same {name} ({getattr(ta, name)!r} vs "
+                             f"{getattr(ia, name)!r})")
+    index = np.asarray(text_cache.image_index, np.int64)
+    n_img = len(image_cache)
+    if index.size and (index.min() < 0 or index.max() >= n_img):
+        row = int(np.nonzero((index < 0) | (index >= n_img))[0][0])
+        raise InputError(f"{files}: caption row {row} points to image row {int(index[row])}, but "
+                         f"the image cache has {n_img} images")
+    counts = np.bincount(index, minlength=n_img)
+    if (counts == 0).any():
+        missing = np.nonzero(counts == 0)[0]
+        raise InputError(f"{files}: {missing.size} of the {n_img} images have no caption (first "
+                         f"image rows {missing[:5].tolist()}); are they the same split?")
+    return torch.from_numpy(index)
 
 
 def pair_loader(dataset: PairBatches, sampler: EpochBatches, num_workers: int = 0,

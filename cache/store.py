@@ -16,7 +16,9 @@ Every dataset is contiguous and allocated when the file is created, so a finishe
 through a NumPy memmap (random rows at memory speed, see bench/cache_read.py). Writers append rows in
 order and commit the row count after every chunk. A file is written under ``<name>.partial`` and
 renamed to its final name only after the last row, so a file with the final name is always complete;
-an interrupted extraction resumes from the committed row count of its ``.partial`` file.
+an interrupted extraction resumes from the committed row count of its ``.partial`` file. Readers open
+files without the HDF5 file lock (`open_h5`), so a ``.partial`` file can be inspected while another
+process writes it.
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ class CacheAttrs:
     shard_stop: int = -1
     total_items: int = -1
     extra: dict[str, Any] = field(default_factory=dict)
+    weights_note: str = ""  # what the weights really are, where the id alone misleads (not identity)
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -69,10 +72,15 @@ class CacheAttrs:
         if self.grid is not None:
             object.__setattr__(self, "grid", (int(self.grid[0]), int(self.grid[1])))
 
-    # Fields that identify what produced the features: a resume or a merge must match all of them.
+    # Two identities, different on purpose:
+    # IDENTITY ties a resumed, merged or kept extraction to its file: same producer AND same rows.
     IDENTITY = ("modality", "encoder", "weights_id", "weights_hash", "dim", "layer", "num_tokens",
                 "prefix_tokens", "suffix_tokens", "grid", "resolution", "preprocessing", "dataset",
                 "split", "num_items", "shard_start", "shard_stop", "total_items")
+    # FEATURE_FIELDS ties a checkpoint to its caches: same producer only, since the head reads
+    # other splits, row counts and token counts (dev, test) than the ones it was trained on.
+    FEATURE_FIELDS = ("encoder", "weights_id", "weights_hash", "dim", "layer", "prefix_tokens",
+                      "suffix_tokens", "grid", "resolution", "preprocessing")
 
     def identity_diff(self, other: "CacheAttrs") -> list[str]:
         """Names and values of identity fields that differ between two attribute sets."""
@@ -110,6 +118,17 @@ class CacheAttrs:
         if missing:
             raise IncompleteCacheError(f"{path}: not a feature cache (missing attributes {missing})")
         return cls(**kwargs)
+
+
+def open_h5(path: str | os.PathLike) -> h5py.File:
+    """Open an HDF5 file read-only without taking the file lock, so a file another process is
+    writing can be read; a file this process already has open (a writer) is shared as HDF5 requires."""
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as exc:
+        if "locking flag" not in str(exc):  # "file locking flag values don't match"
+            raise
+        return h5py.File(path, "r")
 
 
 def partial_path(path: str | os.PathLike) -> Path:
@@ -352,7 +371,7 @@ class _Cache:
                 self.path).exists() else ""
             raise InputError(f"{self.path}: cache file not found{hint}")
         try:
-            with h5py.File(self.path, "r") as f:
+            with open_h5(self.path) as f:
                 self.attrs = CacheAttrs.from_hdf5(f.attrs, self.path)
                 self.complete = bool(f.attrs.get("complete", False))
                 self.rows_written = int(f.attrs.get("rows_written", 0))
@@ -382,9 +401,9 @@ class _Cache:
     def tokens(self) -> Any:
         """The token array (memmap when possible); reopened after a fork (DataLoader workers)."""
         if self._pid != os.getpid():
-            with h5py.File(self.path, "r") as f:
+            with open_h5(self.path) as f:
                 mm = _memmap(self.path, f["tokens"])
-            self._tokens = mm if mm is not None else h5py.File(self.path, "r")["tokens"]
+            self._tokens = mm if mm is not None else open_h5(self.path)["tokens"]
             self._pid = os.getpid()
         return self._tokens
 
@@ -428,7 +447,7 @@ class ImageCache(_Cache):
         if not self.has_boxes:
             raise CacheMismatchError(f"{self.path}: this cache has no boxes")
         rows = np.asarray(rows, np.int64)
-        with h5py.File(self.path, "r") as f:
+        with open_h5(self.path) as f:
             uniq, inverse = np.unique(rows, return_inverse=True)
             return f["boxes"][uniq][inverse], f["image_wh"][uniq][inverse]
 
@@ -446,7 +465,7 @@ class TextCache(_Cache):
 
     @property
     def captions(self) -> list[str]:
-        with h5py.File(self.path, "r") as f:
+        with open_h5(self.path) as f:
             return [s.decode() for s in f["captions"][:]]
 
     def input_ids(self, row: int) -> np.ndarray:
@@ -477,7 +496,7 @@ def open_cache(path: str | os.PathLike, allow_incomplete: bool = False) -> Image
                 if partial_path(path).exists() else "")
         raise InputError(f"{path}: cache file not found{hint}")
     try:
-        with h5py.File(path, "r") as f:
+        with open_h5(path) as f:
             modality = f.attrs.get("modality")
     except OSError as exc:
         raise IncompleteCacheError(f"{path}: not a readable HDF5 file ({exc})") from exc
@@ -489,7 +508,7 @@ def open_cache(path: str | os.PathLike, allow_incomplete: bool = False) -> Image
 # ------------------------------------------------------------------------------------------ shards
 
 
-def _unsharded(attrs: CacheAttrs) -> CacheAttrs:
+def unsharded(attrs: CacheAttrs) -> CacheAttrs:
     """The attributes the whole (merged) file of a shard has."""
     return dataclasses.replace(attrs, num_items=attrs.total_items, shard_start=0, shard_stop=-1,
                                total_items=-1)
@@ -516,10 +535,10 @@ def merge_shards(shard_paths: Sequence[str | os.PathLike], out_path: str | os.Pa
         if not is_shard(reader.attrs):
             raise InputError(f"{reader.path}: not a shard (no total_items attribute)")
     readers.sort(key=lambda r: r.attrs.shard_start)
-    whole = _unsharded(readers[0].attrs)
+    whole = unsharded(readers[0].attrs)
     expected = 0
     for reader in readers:
-        diff = _unsharded(reader.attrs).identity_diff(whole)
+        diff = unsharded(reader.attrs).identity_diff(whole)
         if diff:
             raise CacheMismatchError(f"{reader.path}: shard of a different extraction than "
                                      f"{readers[0].path} ({'; '.join(diff)})")
@@ -582,11 +601,16 @@ def _merge_texts(readers: Sequence[TextCache], whole: CacheAttrs, out: Path, ove
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
-    """Schema, attributes and a completeness/validity verdict of any cache file (for ``cli info``)."""
+    """Schema, attributes and a completeness/validity verdict of any cache file (for ``cli info``).
+
+    A ``.partial`` file (being written, or left by an interrupted run) is read without the file lock
+    and reported with ``partial`` set and the rows committed so far.
+    """
     path = Path(path)
-    report: dict[str, Any] = {"path": str(path), "valid": False}
+    report: dict[str, Any] = {"path": str(path), "valid": False,
+                              "partial": path.name.endswith(PARTIAL_SUFFIX)}
     try:
-        with h5py.File(path, "r") as f:
+        with open_h5(path) as f:
             report["datasets"] = {name: {"shape": list(d.shape), "dtype": str(d.dtype)}
                                   for name, d in f.items()}
             report["attributes"] = {k: (v.item() if isinstance(v, np.generic) else v)
@@ -602,11 +626,15 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     if is_shard(reader.attrs):
         report["shard"] = (f"rows {reader.attrs.shard_start}..{reader.attrs.shard_stop - 1} of "
                            f"{reader.attrs.total_items} (join the shards with `cli extract --merge`)")
+    report["weights_note"] = reader.attrs.weights_note
     report["complete"] = reader.complete and reader.rows_written == reader.attrs.num_items
     report["rows_written"] = reader.rows_written
-    if not report["complete"]:
-        report["problem"] = (f"incomplete: {reader.rows_written} of {reader.attrs.num_items} rows "
-                             "written (resume the extraction with the same command)")
-    else:
+    rows = f"{reader.rows_written} of {reader.attrs.num_items} rows"
+    if report["complete"]:
         report["valid"] = True
+    elif report["partial"]:
+        report["problem"] = (f"partial file: {rows} committed so far (an extraction is writing it, "
+                             "or was interrupted: rerun the same command to resume)")
+    else:
+        report["problem"] = f"incomplete: {rows} written (resume the extraction with the same command)"
     return report

@@ -84,8 +84,9 @@ class TokenLayout:
 class ImageEncoder(nn.Module):
     """An image backbone wrapped to return tokens ``[B, T, D]``: prefix tokens first, then the grid.
 
-    Attributes: ``name``, ``weights_id``, ``weights_hash``, ``layer``, ``resolution``, ``layout``,
-    ``transform`` (picklable `ImageTransform`) and ``preprocessing`` (its JSON-able description).
+    Attributes: ``name``, ``weights_id``, ``weights_hash``, ``weights_note`` (what the weights really
+    are, "" if the id says it), ``layer``, ``resolution``, ``layout``, ``transform`` (picklable
+    `ImageTransform`) and ``preprocessing`` (its JSON-able description).
     """
 
     def __init__(
@@ -104,6 +105,7 @@ class ImageEncoder(nn.Module):
         self.name = name
         self.weights_id = source.weights_id
         self.weights_hash = state_dict_hash(model)
+        self.weights_note = source.note
         self.layer = layer
         self.resolution = resolution
         self.layout = layout
@@ -118,8 +120,8 @@ class ImageEncoder(nn.Module):
 class TextEncoder(nn.Module):
     """A BERT-style text encoder returning the hidden states of ``layer`` for every token.
 
-    Attributes: ``name``, ``weights_id``, ``weights_hash``, ``layer``, ``dim``, ``max_length``,
-    ``tokenizer`` (the transformers tokenizer stored with the weights).
+    Attributes: ``name``, ``weights_id``, ``weights_hash``, ``weights_note``, ``layer``, ``dim``,
+    ``max_length``, ``tokenizer`` (the transformers tokenizer stored with the weights).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, name: str, source: WeightsSource, layer: int, max_length: int):
@@ -129,6 +131,7 @@ class TextEncoder(nn.Module):
         self.name = name
         self.weights_id = source.weights_id
         self.weights_hash = state_dict_hash(model)
+        self.weights_note = source.note
         self.layer = layer
         self.dim = model.config.hidden_size
         self.max_length = max_length

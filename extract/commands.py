@@ -8,6 +8,7 @@ from typing import Any
 import click
 import torch
 
+from cache.device import resolve_device
 from cache.errors import InputError
 from extract import runner
 from extract.runner import FileReport, RunOptions, Shard
@@ -24,6 +25,12 @@ def _splits(values: tuple[str, ...]) -> list[str]:
     if not out:
         raise InputError("--split: no split named")
     return out
+
+
+def _echo_file(report: FileReport) -> None:
+    """One line per file on stderr as it finishes: written, resumed, kept or merged."""
+    kept = " (complete, same settings and rows)" if report.status == "kept" else ""
+    click.echo(f"{report.status} {report.path} ({report.rows} rows){kept}", err=True)
 
 
 def _report(reports: list[FileReport], out: Path, dataset: str, shard: Shard,
@@ -63,9 +70,12 @@ def _report(reports: list[FileReport], out: Path, dataset: str, shard: Shard,
 @click.option("--threads", type=int,
               help="Torch CPU threads of the main process (default: torch's, one per core).")
 @click.option("--limit", type=int, help="Only the first N images of each split and their captions.")
-@click.option("--overwrite", is_flag=True, help="Replace complete files and discard partial ones.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace complete files (of the same or of other settings) and discard partial "
+                   "ones.")
 @click.option("--skip-existing", is_flag=True,
-              help="Keep complete files written with the same settings (others still fail).")
+              help="Kept for old scripts, changes nothing: a complete file with the same settings "
+                   "and rows is always kept, one with other settings always stops the command.")
 @click.option("--rank", type=int, help="This process's shard (default: $RANK under torchrun).")
 @click.option("--world-size", type=int, help="Number of shards (default: $WORLD_SIZE).")
 @click.option("--merge", is_flag=True,
@@ -86,7 +96,8 @@ def extract(backbone: str | None, weights: str | None, layer: int, resolution: i
     Sharded over several GPUs or machines: run the same command under torchrun (or with
     --rank R --world-size W on each machine); every rank writes
     <modality>-<tag>.shard-R-of-W.h5; then run the same command once more with --merge.
-    An interrupted run resumes when the same command is run again.
+    An interrupted run resumes when the same command is run again: complete files with the same
+    settings and rows are kept, a partial file continues from its last committed row.
     """
     from extract.backbones import (create_image_encoder, create_text_encoder,
                                    list_image_encoders, list_text_encoders)
@@ -104,6 +115,8 @@ def extract(backbone: str | None, weights: str | None, layer: int, resolution: i
                          f"{', '.join(list_text_encoders())}")
     if threads is not None and threads < 1:
         raise InputError(f"--threads must be >= 1, got {threads}")
+    if overwrite and skip_existing:
+        raise InputError("--overwrite and --skip-existing exclude each other")
     targets = [(modality, name, runner.output_path(out, dataset, split, modality, t or name), split)
                for split in splits
                for modality, name, t in (("image", backbone, tag), ("text", text_encoder, text_tag))
@@ -123,9 +136,8 @@ def extract(backbone: str | None, weights: str | None, layer: int, resolution: i
     shard = runner.shard_from_env(rank, world_size)
     if threads is not None:
         torch.set_num_threads(threads)
-    options = RunOptions(batch_size=batch_size, workers=workers,
-                         device=runner.resolve_device(device), overwrite=overwrite,
-                         skip_existing=skip_existing)
+    options = RunOptions(batch_size=batch_size, workers=workers, device=resolve_device(device),
+                         overwrite=overwrite)
     if data_path is None:
         raise InputError("--data-path is required (the folder of {split}_caps.txt)")
     if backbone and images is None:
@@ -137,14 +149,15 @@ def extract(backbone: str | None, weights: str | None, layer: int, resolution: i
                      if backbone else None)
     text_model = (create_text_encoder(text_encoder, text_weights, text_layer, max_length)
                   if text_encoder else None)
+    encoders = {"image": image_encoder, "text": text_model}
+    if not overwrite:  # a complete file of other settings anywhere stops the command before any work
+        for modality, _, path, split in targets:
+            runner.is_done(modality, indexes[split], encoders[modality], path, shard)
     reports = []
     for modality, _, path, split in targets:
-        if modality == "image":
-            reports.append(runner.extract_images(indexes[split], image_encoder, path, options,
-                                                 shard))
-        else:
-            reports.append(runner.extract_texts(indexes[split], text_model, path, options, shard))
-        click.echo(f"wrote {reports[-1].path} ({reports[-1].rows} rows)", err=True)
+        run = runner.extract_images if modality == "image" else runner.extract_texts
+        reports.append(run(indexes[split], encoders[modality], path, options, shard))
+        _echo_file(reports[-1])
     _report(reports, Path(out), dataset, shard, settings)
     if shard.sharded:
         click.echo("shards written; when every rank has finished, join them with the same "
@@ -169,7 +182,9 @@ def extract(backbone: str | None, weights: str | None, layer: int, resolution: i
 @click.option("--tag", default="butd", show_default=True, help="File tag: image-<tag>.h5.")
 @click.option("--out", default="features", show_default=True, type=click.Path(file_okay=False))
 @click.option("--limit", type=int, help="Only the first N images of each split.")
-@click.option("--overwrite", is_flag=True, help="Replace complete files and discard partial ones.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace complete files and discard partial ones (without it, a complete file "
+                   "of the same import is kept and one of another import stops the command).")
 def import_precomp(fmt: str, dataset: str, data_path: str, split_args: tuple[str, ...],
                    features: str | None, boxes: str | None, images: str | None, tag: str,
                    out: str, limit: int | None, overwrite: bool) -> None:

@@ -29,7 +29,7 @@ from PIL import Image
 from cache.errors import InputError
 from cache.store import CacheAttrs, ImageCacheWriter
 from extract.datasets import SplitIndex
-from extract.runner import FileReport, limit_split, refuse_complete
+from extract.runner import FileReport, keep_existing, kept_report, limit_split
 
 CHUNK_ROWS = 256
 
@@ -51,9 +51,10 @@ def _attrs(index: SplitIndex, tag: str, source: str, fingerprint: str, num_token
 
 def _write(index: SplitIndex, attrs: CacheAttrs, out: Path, overwrite: bool,
            blocks: Callable[[int], Iterator[tuple]], with_boxes: bool = False) -> FileReport:
-    """Write the cache from ``blocks(first_row)`` (resumable) and report it."""
-    if not overwrite:
-        refuse_complete(out, attrs)  # an import is quick: no --skip-existing here
+    """Write the cache from ``blocks(first_row)`` (resumable) and report it; a complete file of the
+    same import is kept, one of another import is refused unless ``overwrite``."""
+    if not overwrite and keep_existing(out, attrs, index.image_ids):
+        return kept_report(out, attrs)
     paths = index.image_paths if index.image_paths is not None else index.image_ids
     began = time.perf_counter()
     with ImageCacheWriter(out, attrs, index.image_ids, paths, with_boxes=with_boxes,
@@ -63,7 +64,7 @@ def _write(index: SplitIndex, attrs: CacheAttrs, out: Path, overwrite: bool,
             writer.append(*block)
         final = writer.finish()
     return FileReport(final, "image", index.split, attrs.num_items, done,
-                      time.perf_counter() - began)
+                      time.perf_counter() - began, "resumed" if done else "written")
 
 
 # ------------------------------------------------------------------------------------------ SCAN

@@ -10,6 +10,9 @@ encoder) through `cache.store`'s writers:
   batches of consecutive rows;
 * a rerun after an interruption continues from the committed row count; with the same batch size the
   batches are the same as in an uninterrupted run, so the file is bit-identical on CPU;
+* a complete file of exactly this work (same identity attributes, same image ids or captions) is
+  kept untouched (`keep_existing`), so rerunning a killed multi-file call finishes the files it had
+  not finished; a complete file of other work is refused unless ``overwrite``;
 * with ``world_size > 1`` each rank writes the contiguous block of rows `Shard.bounds` gives it into its
   own shard file; `merge_split_shards` joins the shards into the normal file afterwards.
 
@@ -19,11 +22,12 @@ On CUDA the device-to-host copy of batch ``i`` overlaps the forward pass of batc
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import re
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -34,8 +38,9 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from cache.errors import InputError
-from cache.store import (CacheAttrs, ImageCacheWriter, TextCacheWriter, default_cache_path,
-                         merge_shards, open_cache)
+from cache.progress import progress_bar
+from cache.store import (CacheAttrs, ImageCache, ImageCacheWriter, TextCache, TextCacheWriter,
+                         default_cache_path, merge_shards, open_cache, unsharded)
 from extract.backbones import ImageEncoder, TextEncoder
 from extract.datasets import ImageDataset, SplitIndex
 
@@ -93,38 +98,21 @@ def shard_from_env(rank: int | None = None, world_size: int | None = None) -> Sh
     return Shard(rank, world_size)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA if available; under torchrun the GPU of LOCAL_RANK), ``cpu`` or ``cuda[:i]``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {name}: CUDA is not available on this machine")
-        if name == "cuda":
-            name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
-    elif name != "cpu":
-        raise InputError(f"--device must be auto, cpu or cuda[:index], got {name!r}")
-    return torch.device(name)
-
-
 @dataclass(frozen=True)
 class RunOptions:
     """How to run: batch size, decoding workers, device, what to do with existing files.
 
-    ``skip_existing`` skips a target whose complete file was written with the same settings (a file
-    from different settings is still an error); ``overwrite`` replaces it.
+    A complete file of the same work is kept, one of other work is an error; ``overwrite`` replaces
+    complete files (kept or not) and discards partial ones.
     """
 
     batch_size: int = 64
     workers: int = min(4, os.cpu_count() or 1)
     device: torch.device = torch.device("cpu")
     overwrite: bool = False
-    skip_existing: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.overwrite and self.skip_existing:
-            raise InputError("--overwrite and --skip-existing exclude each other")
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.workers < 0:
@@ -183,8 +171,8 @@ def image_attrs(encoder: ImageEncoder, index: SplitIndex) -> CacheAttrs:
     """Cache attributes of an image encoder's features over a whole split."""
     layout = encoder.layout
     return CacheAttrs(modality="image", encoder=encoder.name, weights_id=encoder.weights_id,
-                      weights_hash=encoder.weights_hash, dim=layout.dim,
-                      num_items=index.num_images, layer=encoder.layer,
+                      weights_hash=encoder.weights_hash, weights_note=encoder.weights_note,
+                      dim=layout.dim, num_items=index.num_images, layer=encoder.layer,
                       num_tokens=layout.num_tokens, prefix_tokens=layout.prefix_tokens,
                       grid=layout.grid, resolution=encoder.resolution,
                       preprocessing=encoder.preprocessing, dataset=index.dataset, split=index.split,
@@ -199,38 +187,65 @@ def text_attrs(encoder: TextEncoder, index: SplitIndex) -> CacheAttrs:
                      "max_length": encoder.max_length, "truncation": True,
                      "special_tokens": ["[CLS]", "[SEP]"]}
     return CacheAttrs(modality="text", encoder=encoder.name, weights_id=encoder.weights_id,
-                      weights_hash=encoder.weights_hash, dim=encoder.dim,
-                      num_items=index.num_captions, layer=encoder.layer,
+                      weights_hash=encoder.weights_hash, weights_note=encoder.weights_note,
+                      dim=encoder.dim, num_items=index.num_captions, layer=encoder.layer,
                       num_tokens=encoder.max_length, prefix_tokens=1, suffix_tokens=1,
                       preprocessing=preprocessing, dataset=index.dataset, split=index.split)
 
 
-def refuse_complete(path: Path, attrs: CacheAttrs, skip_same: bool = False) -> bool:
-    """InputError if a complete file already exists at ``path`` (saying whether it differs).
+def _row_keys(cache: ImageCache | TextCache) -> list[str]:
+    """What a cache's rows are: its image ids, or its captions."""
+    return cache.ids if isinstance(cache, ImageCache) else cache.captions
 
-    With ``skip_same``, a complete file with the same settings returns True (nothing to do).
+
+def keep_existing(path: Path, attrs: CacheAttrs, rows: Sequence[str]) -> bool:
+    """Whether a complete cache at ``path`` already holds exactly this work: the same identity
+    attributes (`CacheAttrs.IDENTITY`) and the same rows (image ids, or captions, in order).
+
+    False if there is no file. InputError naming the file and every difference if it holds other
+    work (``--overwrite`` replaces it).
     """
     if not path.exists():
         return False
     try:
-        existing = open_cache(path, allow_incomplete=True).attrs
+        existing = open_cache(path)
     except InputError:
         raise InputError(f"{path}: a file that is not a valid cache is in the way; pass "
                          "--overwrite to replace it") from None
-    diff = existing.identity_diff(attrs)
-    if not diff and skip_same:
-        return True
+    diff = existing.attrs.identity_diff(attrs)
+    if not diff:
+        have = _row_keys(existing)
+        first = next((i for i, (a, b) in enumerate(zip(have, rows)) if a != b), None)
+        if first is not None:
+            what = "image ids" if attrs.modality == "image" else "captions"
+            diff = [f"{what} differ from row {first}: {have[first]!r} != {rows[first]!r}"]
     if diff:
-        raise InputError(f"{path}: a complete cache from a different extraction exists "
-                         f"({'; '.join(diff[:3])}); pass --overwrite to replace it or --tag to "
-                         "write beside it")
-    raise InputError(f"{path}: a complete cache with these settings already exists; pass "
-                     "--overwrite to write it again or --skip-existing to keep it")
+        raise InputError(f"{path}: a complete cache from a different extraction exists (file != "
+                         f"this call: {'; '.join(diff)}); pass --overwrite to replace it or --tag "
+                         "to write beside it")
+    return True
 
 
-def _skipped(path: Path, attrs: CacheAttrs) -> FileReport:
+def _target(modality: str, index: SplitIndex, encoder: ImageEncoder | TextEncoder, path: Path,
+            shard: Shard) -> tuple[Path, CacheAttrs, list[str]]:
+    """This rank's file of ``path``, its attributes and its rows (image ids, or captions)."""
+    whole = image_attrs(encoder, index) if modality == "image" else text_attrs(encoder, index)
+    start, stop = shard.bounds(whole.num_items)
+    rows = index.image_ids if modality == "image" else index.captions
+    return shard.path(path), shard.attrs(whole), list(rows[start:stop])
+
+
+def is_done(modality: str, index: SplitIndex, encoder: ImageEncoder | TextEncoder, path: Path,
+            shard: Shard = Shard()) -> bool:
+    """`keep_existing` for this rank's file of ``path``: call it for every file of a command before
+    any work, so that a file of other work stops the command early."""
+    return keep_existing(*_target(modality, index, encoder, path, shard))
+
+
+def kept_report(path: Path, attrs: CacheAttrs) -> FileReport:
+    """The report of a complete file of the same work, left as it is."""
     return FileReport(path, attrs.modality, attrs.split, attrs.num_items, attrs.num_items, 0.0,
-                      "skipped")
+                      "kept")
 
 
 # ------------------------------------------------------------------------------------------ loops
@@ -282,22 +297,23 @@ def _autocast(options: RunOptions) -> Any:
 
 
 def _progress(options: RunOptions, path: Path, total: int, done: int, unit: str) -> tqdm:
-    return tqdm(total=total, initial=done, unit=unit, desc=path.name, dynamic_ncols=True,
-                disable=None if options.progress else True, leave=False)
+    """A redrawn bar on a terminal; plain lines (at most every 30 s) under nohup or in a log."""
+    return progress_bar(total=total, initial=done, unit=unit, desc=path.name,
+                        disable=not options.progress, leave=False)
 
 
 def extract_images(index: SplitIndex, encoder: ImageEncoder, path: Path, options: RunOptions,
                    shard: Shard = Shard()) -> FileReport:
-    """Write (or resume) the image cache of a split (this rank's shard of it) at ``path``."""
-    attrs = shard.attrs(image_attrs(encoder, index))
-    target = shard.path(path)
-    if not options.overwrite and refuse_complete(target, attrs, options.skip_existing):
-        return _skipped(target, attrs)
+    """Write (or resume, or keep: `keep_existing`) the image cache of a split (this rank's shard of
+    it) at ``path``."""
+    target, attrs, ids = _target("image", index, encoder, path, shard)
+    if not options.overwrite and keep_existing(target, attrs, ids):
+        return kept_report(target, attrs)
     start, stop = shard.bounds(index.num_images)
     if index.image_paths is None:
         raise InputError(f"{index.dataset}/{index.split}: image paths unknown (needs "
                          "id_mapping.json beside the caption files and --images)")
-    ids, rel_paths = index.image_ids[start:stop], index.image_paths[start:stop]
+    rel_paths = index.image_paths[start:stop]
     began = time.perf_counter()
     with ImageCacheWriter(target, attrs, ids, rel_paths, overwrite=options.overwrite) as writer:
         done = writer.rows_written
@@ -328,15 +344,15 @@ def extract_images(index: SplitIndex, encoder: ImageEncoder, path: Path, options
 
 def extract_texts(index: SplitIndex, encoder: TextEncoder, path: Path, options: RunOptions,
                   shard: Shard = Shard()) -> FileReport:
-    """Write (or resume) the caption cache of a split (this rank's shard of it) at ``path``."""
-    attrs = shard.attrs(text_attrs(encoder, index))
-    target = shard.path(path)
-    if not options.overwrite and refuse_complete(target, attrs, options.skip_existing):
-        return _skipped(target, attrs)
+    """Write (or resume, or keep: `keep_existing`) the caption cache of a split (this rank's shard
+    of it) at ``path``."""
+    target, attrs, captions = _target("text", index, encoder, path, shard)
+    if not options.overwrite and keep_existing(target, attrs, captions):
+        return kept_report(target, attrs)
     start, stop = shard.bounds(index.num_captions)
-    token_ids = encoder.tokenize(index.captions[start:stop])
+    token_ids = encoder.tokenize(captions)
     began = time.perf_counter()
-    with TextCacheWriter(target, attrs, token_ids, index.captions[start:stop],
+    with TextCacheWriter(target, attrs, token_ids, captions,
                          index.caption_image_index[start:stop],
                          overwrite=options.overwrite) as writer:
         done = writer.rows_written
@@ -395,11 +411,14 @@ def find_shards(final: Path) -> list[Path]:
 
 
 def merge_split_shards(final: Path, overwrite: bool = False) -> FileReport:
-    """Join the shard files of ``final`` into ``final`` (checks identity and row coverage)."""
+    """Join the shard files of ``final`` into ``final`` (checks identity and row coverage); a
+    complete ``final`` of the same work is kept, one of other work is refused unless ``overwrite``."""
     shards = find_shards(final)
-    if final.exists() and not overwrite:
-        raise InputError(f"{final}: a complete cache already exists; pass --overwrite to merge "
-                         "the shards again")
+    if not overwrite:
+        readers = [open_cache(p) for p in shards]  # in rank order = row order
+        whole = unsharded(readers[0].attrs)
+        if keep_existing(final, whole, [key for r in readers for key in _row_keys(r)]):
+            return kept_report(final, whole)
     began = time.perf_counter()
     merged = merge_shards(shards, final, overwrite=overwrite)
     cache = open_cache(merged)
@@ -430,11 +449,63 @@ def format_summary(reports: Sequence[FileReport]) -> str:
     return "\n".join(lines)
 
 
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` (``flock`` of the directory) for a read-modify-write."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _summary_key(path: Path, folder: Path) -> str:
+    """A summary entry's key: the cache file's path under the summary's folder (``test/x.h5``)."""
+    try:
+        return path.resolve().relative_to(folder.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _read_summary(path: Path) -> dict[str, dict[str, Any]]:
+    """The entries of an existing summary file, by key (none if there is no file)."""
+    if not path.exists():
+        return {}
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        files = payload["files"]
+        if isinstance(files, list):  # one call's list, as written before summaries were merged
+            files = {_summary_key(Path(entry["file"]), path.parent):
+                     {**entry, "settings": payload.get("settings", {})} for entry in files}
+        if not isinstance(files, dict):
+            raise TypeError(f"'files' is a {type(files).__name__}")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{path}: unreadable summary ({err}); fix or delete it (the caches do "
+                         "not depend on it)") from None
+    return files
+
+
 def write_summary(reports: Sequence[FileReport], folder: Path, shard: Shard = Shard(),
                   settings: dict[str, Any] | None = None, name: str = "extract-summary") -> Path:
-    """Write the reports as JSON to ``<folder>/<name>[.rank-R-of-W].json``."""
+    """Merge the reports into ``<folder>/<name>[.rank-R-of-W].json``, keyed by cache file.
+
+    The file holds ``{"files": {"<split>/<file>.h5": report + "settings"}}``. A call replaces the
+    entries of the files it wrote, resumed or merged, adds an entry for a file it kept only where
+    there is none (the entry of the call that wrote it says more), and leaves every other entry
+    alone, so calls with other backbones add up. The file is replaced atomically, under a lock on
+    ``folder`` so that concurrent calls do not lose each other's entries.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}{shard.summary_suffix}.json"
-    payload = {"settings": settings or {}, "files": [r.to_dict() for r in reports]}
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    with _locked(folder):
+        entries = _read_summary(path)
+        for report in reports:
+            key = _summary_key(report.path, folder)
+            if report.status != "kept" or key not in entries:
+                entries[key] = {**report.to_dict(), "settings": settings or {}}
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"files": dict(sorted(entries.items()))}, indent=2, default=str)
+                       + "\n", encoding="utf-8")
+        os.replace(tmp, path)
     return path

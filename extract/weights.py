@@ -14,6 +14,11 @@ A ``weights`` string (``create_image_encoder(..., weights=...)``, CLI ``--weight
    ``local_files_only=True``;
 3. otherwise a **Hugging Face hub id** (``facebook/dinov2-base``), loaded through transformers' cache.
 
+A weights folder written by a converter (`extract.dinov2_onnx`) holds a ``conversion.json`` whose
+``description`` says what the weights really are (``imgfocus-dinov2-s14``: "a saliency fine-tune of
+DINOv2 ViT-S/14 ..., not facebook/dinov2-small"); it becomes `WeightsSource.note` and the cache
+attribute ``weights_note``, so a cache carries the label wherever it goes.
+
 `weights_hash` is a SHA-256 of the loaded state dict (names, dtypes, shapes and bytes; about 0.3 s for
 ViT-B on one core): it identifies the weights themselves, whatever the folder, file format or hub
 revision they came from, so a cache can tell two weight sets apart.
@@ -23,10 +28,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import re
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -40,6 +48,7 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+NOTE_FILE = "conversion.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -48,12 +57,14 @@ class WeightsSource:
     """A resolved ``weights`` string.
 
     ``weights_id`` is what a cache records (named id, absolute local path or hub id); ``location`` is
-    what the loader opens (a local path or a hub id); ``local`` says whether it is on disk.
+    what the loader opens (a local path or a hub id); ``local`` says whether it is on disk; ``note``
+    says what the weights really are where the id alone could mislead ("" otherwise).
     """
 
     weights_id: str
     location: str
     local: bool
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -86,14 +97,28 @@ def resolve_weights(weights: str) -> WeightsSource:
     """Turn a ``weights`` string into a `WeightsSource` (named id, local path or hub id)."""
     if weights in _NAMED:
         path = Path(_NAMED[weights].provide()).resolve()
-        return WeightsSource(weights, str(path), True)
+        return WeightsSource(weights, str(path), True, weights_note(path))
     path = Path(weights).expanduser()
     if path.exists():
-        return WeightsSource(str(path.resolve()), str(path.resolve()), True)
+        return WeightsSource(str(path.resolve()), str(path.resolve()), True, weights_note(path))
     if _HUB_ID.match(weights):
         return WeightsSource(weights, weights, False)
     named = ", ".join(_NAMED)
     raise InputError(f"weights folder {path} does not exist (and {weights!r} is not a named weights id: {named})")
+
+
+def weights_note(path: Path) -> str:
+    """The ``description`` in a weights folder's ``conversion.json`` ("" without one)."""
+    file = path / NOTE_FILE
+    if not file.is_file():
+        return ""
+    try:
+        provenance = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise InputError(f"{file}: unreadable conversion record ({_first_line(err)})") from err
+    if not isinstance(provenance, dict):
+        raise InputError(f"{file}: expected a JSON object with a 'description'")
+    return str(provenance.get("description", ""))
 
 
 def state_dict_hash(module: nn.Module) -> str:
@@ -128,9 +153,10 @@ def load_hf_model(source: WeightsSource, classes: Mapping[str, type], **kwargs) 
             f"this backbone takes {' or '.join(repr(t) for t in classes)}"
         )
     try:
-        model, info = model_class.from_pretrained(
-            source.location, config=config, local_files_only=source.local, output_loading_info=True, **kwargs
-        )
+        with no_loading_bar_off_a_terminal():
+            model, info = model_class.from_pretrained(
+                source.location, config=config, local_files_only=source.local, output_loading_info=True, **kwargs
+            )
     except (OSError, RuntimeError, ValueError) as err:
         problem = _first_line(err)
         raise InputError(f"weights {source.weights_id}: cannot load {model_class.__name__}: {problem}") from err
@@ -141,6 +167,22 @@ def load_hf_model(source: WeightsSource, classes: Mapping[str, type], **kwargs) 
             f"mis-shaped in the checkpoint (first: {missing[0]})"
         )
     return model.eval()
+
+
+@contextmanager
+def no_loading_bar_off_a_terminal() -> Iterator[None]:
+    """Turn transformers' "Loading weights" bar off while loading when stderr is not a terminal: it
+    redraws with carriage returns, which a log file (nohup) would keep."""
+    from transformers.utils import logging as hf_logging
+
+    if sys.stderr.isatty() or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def load_hf_tokenizer(source: WeightsSource):

@@ -16,24 +16,20 @@ import numpy as np
 import torch
 
 from cache.errors import CacheMismatchError, InputError
+from cache.store import CacheAttrs
 from heads.registry import build_head
 from heads.base import FeatureSpec, Head
 from heads.config import longest_prefix
-from heads.registry import build_head
 
 FORMAT_VERSION = 1
-FEATURE_FIELDS = ("encoder", "weights_id", "weights_hash", "dim", "layer", "prefix_tokens",
-                  "suffix_tokens", "grid", "resolution", "preprocessing")
-"""Cache attributes that must agree between the caches a head was trained on and any cache it
-reads later (dev, test, another split): what produced the features, not which rows."""
 REQUIRED = ("format", "head_name", "head_options", "image_spec", "text_spec", "features", "model",
             "config", "epoch", "step")
 
 
 def feature_identity(cache: Any) -> dict[str, Any]:
-    """The ``FEATURE_FIELDS`` of a cache reader, as plain values."""
+    """The ``CacheAttrs.FEATURE_FIELDS`` of a cache reader, as plain values."""
     out = {}
-    for name in FEATURE_FIELDS:
+    for name in CacheAttrs.FEATURE_FIELDS:
         value = getattr(cache.attrs, name)
         out[name] = list(value) if isinstance(value, tuple) else value
     return out
@@ -43,7 +39,7 @@ def check_features(expected: dict[str, Any], cache: Any, reference: str) -> None
     """Raise CacheMismatchError naming ``cache.path`` when its features differ from ``expected``
     (the identity of the caches described by ``reference``, e.g. a checkpoint or a train cache)."""
     actual = feature_identity(cache)
-    diff = [f"{k} is {actual[k]!r}, expected {expected[k]!r}" for k in FEATURE_FIELDS
+    diff = [f"{k} is {actual[k]!r}, expected {expected[k]!r}" for k in CacheAttrs.FEATURE_FIELDS
             if k in expected and actual[k] != expected[k]]
     if diff:
         raise CacheMismatchError(f"{cache.path}: features differ from {reference} "

@@ -7,28 +7,38 @@ caches of a checkpoint), which other commands and options reuse.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 import torch
 
+from cache.device import resolve_device
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from heads.checkpoint import head_from_checkpoint, load_checkpoint
-from heads.config import cache_paths, flatten, load_config, parse_override
+from heads.config import (cache_paths, config_without_file, flatten, load_config,
+                          parse_override)
 
 # ----------------------------------------------------------------------------------- train-head
 
 
 def resolve_train_config(config_path: str | None, overrides: tuple[str, ...], head: str | None,
-                         out: Path, resume: bool) -> dict[str, Any]:
-    """The config of a new run (file + ``--head`` + ``--set``) or of a resumed one (the
-    checkpoint's config + ``--set``; a ``--config`` given with ``--resume`` must agree with it
-    except for the keys that ``--set`` changes)."""
+                         out: Path, resume: bool, features: str | None = None,
+                         dataset: str | None = None) -> dict[str, Any]:
+    """The config of a new run (file + ``--head`` + ``--set``; without a file, ``--head`` with
+    ``--features``/``--dataset`` on the reference recipe) or of a resumed one (the checkpoint's
+    config + ``--set``; a ``--config`` given with ``--resume`` must agree with it except for the
+    keys that ``--set`` changes)."""
+    data = {"features": features, "dataset": dataset}
+    if not resume and config_path is None:
+        if head is None or features is None or dataset is None:
+            raise InputError("give --config FILE, or --head NAME --features DIR --dataset NAME "
+                             "(or --resume to continue the run in --out)")
+        return config_without_file(head, features, dataset, overrides)
+    overrides = tuple(f"data.{k}={v}" for k, v in data.items() if v is not None) + overrides
     if not resume:
-        if config_path is None:
-            raise InputError("--config FILE is required (or --resume to continue the run in --out)")
         return load_config(config_path, overrides, head)
     from heads.train import LAST
     saved = load_checkpoint(out / LAST)["config"]
@@ -48,7 +58,11 @@ def resolve_train_config(config_path: str | None, overrides: tuple[str, ...], he
 @click.command("train-head")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="YAML run config (see configs/).")
-@click.option("--head", help="Head name (overrides head.name of the config).")
+@click.option("--head", help="Head name (overrides head.name of the config; without --config: "
+                             "the head's defaults on the reference recipe).")
+@click.option("--features", type=click.Path(file_okay=False),
+              help="Feature tree (data.features): <features>/<dataset>/<split>/*.h5.")
+@click.option("--dataset", help="Dataset folder under --features (data.dataset), e.g. f8k.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key, e.g. --set optim.lr=1e-4 (repeatable).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
@@ -56,12 +70,14 @@ def resolve_train_config(config_path: str | None, overrides: tuple[str, ...], he
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--device", help="auto, cpu, cuda or cuda:N (overrides run.device).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train_head(config_path: str | None, head: str | None, overrides: tuple[str, ...], out: str,
-               resume: bool, device: str | None, no_progress: bool) -> None:
+def train_head(config_path: str | None, head: str | None, features: str | None,
+               dataset: str | None, overrides: tuple[str, ...], out: str, resume: bool,
+               device: str | None, no_progress: bool) -> None:
     """Train a retrieval head on cached features; keep the best checkpoint by dev rsum.
 
     \b
     cli train-head --config configs/f8k_vse.yaml --out runs/f8k_vse
+    cli train-head --head caa --features features --dataset f8k --out runs/f8k_caa_defaults
     cli train-head --config configs/f8k_vse.yaml --head linear --set optim.epochs=5 --out runs/lin
     torchrun --nproc-per-node 4 cli.py train-head --config configs/coco_vse.yaml --out runs/coco
     """
@@ -69,7 +85,8 @@ def train_head(config_path: str | None, head: str | None, overrides: tuple[str, 
 
     if device is not None:
         overrides = overrides + (f"run.device={device}",)
-    config = resolve_train_config(config_path, overrides, head, Path(out), resume)
+    config = resolve_train_config(config_path, overrides, head, Path(out), resume, features,
+                                  dataset)
     try:
         summary = train(config, out, resume=resume, show_progress=not no_progress)
     except NonFiniteLossError as exc:
@@ -156,42 +173,67 @@ def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str 
     cli eval --checkpoint runs/f30k_scan/best.pt --rerank-topk 50 \
         --coarse-checkpoint runs/f30k_vse/best.pt
     """
-    from heads.eval.evaluate import evaluate as run_evaluation
-    from heads.distributed import resolve_device
-
     state = load_checkpoint(checkpoint)
     image_cache, text_cache, split = open_eval_caches(state, split, images, texts)
     torch_device = resolve_device(device)
     head = head_from_checkpoint(state, image_cache, text_cache).to(torch_device)
     eval_cfg = state["config"]["eval"]
-    options = {k: eval_cfg[k] for k in ("image_block", "caption_block") if eval_cfg.get(k)}
+    run = EvalRun(checkpoint=checkpoint, state=state, head=head, image_cache=image_cache,
+                  text_cache=text_cache, split=split, device=torch_device,
+                  protocol=protocol or eval_cfg["protocol"],
+                  batch_size=batch_size or eval_cfg["batch_size"], json_out=json_out,
+                  blocks={k: eval_cfg[k] for k in ("image_block", "caption_block")
+                          if eval_cfg.get(k)})
     if rerank_topk is not None:
         _reject_given({"--save-sims": save_sims, "--max-images": max_images},
                       "do not apply to --rerank-topk (they score full matrices)")
-        run_two_stage(checkpoint, state, head, image_cache, text_cache, split, torch_device,
-                      rerank_topk, coarse_checkpoint, coarse_mode, fine_mode, fuse_weight,
-                      protocol or eval_cfg["protocol"], batch_size or eval_cfg["batch_size"],
-                      json_out, options)
+        run_two_stage(run, TwoStageRequest(rerank_topk, coarse_checkpoint, coarse_mode, fine_mode,
+                                           fuse_weight))
         return
     _reject_given({"--coarse-checkpoint": coarse_checkpoint, "--coarse-mode": coarse_mode,
                    "--fuse-weight": fuse_weight},
                   "only apply to two-stage retrieval; add --rerank-topk K")
     if fine_mode is not None:
         head.set_mode(fine_mode)
-    result = run_evaluation(head, image_cache, text_cache,
-                            protocol=protocol or eval_cfg["protocol"], device=torch_device,
-                            batch_size=batch_size or eval_cfg["batch_size"], save_sims=save_sims,
-                            max_images=max_images, **options)
-    gallery = f", gallery of its first {max_images} images" if max_images else ""
-    click.echo(f"{checkpoint} on {split} ({result['images']} images, {result['captions']} "
-               f"captions, protocol {result['protocol']}{gallery})")
-    click.echo(format_table(result["metrics"], result["seconds"]))
-    report = {"checkpoint": str(checkpoint), "head": state["head_name"], "split": split,
-              "images_cache": str(image_cache.path), "texts_cache": str(text_cache.path),
-              "epoch": state["epoch"], **result}
-    out = Path(json_out) if json_out else Path(checkpoint).parent / f"eval-{split}.json"
-    write_report(out, report)
-    click.echo(f"report: {out}")
+    run_full(run, save_sims, max_images)
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """What one ``cli eval`` call evaluates: a checkpoint's head, the caches, where and how."""
+
+    checkpoint: str
+    state: dict[str, Any]
+    head: Any
+    image_cache: ImageCache
+    text_cache: TextCache
+    split: str
+    device: torch.device
+    protocol: str
+    batch_size: int
+    json_out: str | None
+    blocks: dict[str, int]       # image_block / caption_block of the run's eval config
+
+    def report(self, result: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        """The JSON report: what was evaluated, ``extra`` fields, then the result."""
+        return {"checkpoint": str(self.checkpoint), "head": self.state["head_name"],
+                "split": self.split, "images_cache": str(self.image_cache.path),
+                "texts_cache": str(self.text_cache.path), "epoch": self.state["epoch"],
+                **extra, **result}
+
+    def report_path(self, default_name: str) -> Path:
+        return Path(self.json_out) if self.json_out else Path(self.checkpoint).parent / default_name
+
+
+@dataclass(frozen=True)
+class TwoStageRequest:
+    """The two-stage options of ``cli eval`` (``--rerank-topk`` and its companions)."""
+
+    topk: str
+    coarse_checkpoint: str | None = None
+    coarse_mode: str | None = None
+    fine_mode: str | None = None
+    fuse_weight: float = 0.0
 
 
 def _reject_given(options: dict[str, Any], reason: str) -> None:
@@ -201,36 +243,47 @@ def _reject_given(options: dict[str, Any], reason: str) -> None:
         raise InputError(f"{', '.join(given)} {reason}")
 
 
-def run_two_stage(checkpoint: str, state: dict[str, Any], fine: Any, image_cache: ImageCache,
-                  text_cache: TextCache, split: str, device: torch.device, topk: str,
-                  coarse_checkpoint: str | None, coarse_mode: str | None, fine_mode: str | None,
-                  fuse_weight: float, protocol: str, batch_size: int, json_out: str | None,
-                  options: dict[str, Any]) -> None:
-    """``cli eval --rerank-topk``: two-stage retrieval (``heads.eval.evaluate.two_stage``), printed as
-    the coarse-only and the final recall tables, and written to the JSON report."""
+def run_full(run: EvalRun, save_sims: str | None, max_images: int | None) -> None:
+    """``cli eval``: score every pair of the protocol's galleries, print the table, write JSON."""
+    from heads.eval.evaluate import evaluate
+
+    result = evaluate(run.head, run.image_cache, run.text_cache, protocol=run.protocol,
+                      device=run.device, batch_size=run.batch_size, save_sims=save_sims,
+                      max_images=max_images, progress=True, **run.blocks)
+    gallery = f", gallery of its first {max_images} images" if max_images else ""
+    click.echo(f"{run.checkpoint} on {run.split} ({result['images']} images, "
+               f"{result['captions']} captions, protocol {result['protocol']}{gallery})")
+    click.echo(format_table(result["metrics"], result["seconds"]))
+    out = run.report_path(f"eval-{run.split}.json")
+    write_report(out, run.report(result))
+    click.echo(f"report: {out}")
+
+
+def run_two_stage(run: EvalRun, request: TwoStageRequest) -> None:
+    """``cli eval --rerank-topk``: two-stage retrieval (``heads.eval.evaluate.two_stage``), printed
+    as the coarse-only and the final recall tables, and written to the JSON report."""
     from heads.eval.evaluate import two_stage
     from heads.eval.rerank import parse_topk
 
-    coarse = fine
-    if coarse_checkpoint is not None:
-        coarse = head_from_checkpoint(load_checkpoint(coarse_checkpoint), image_cache,
-                                      text_cache).to(device)
-    result = two_stage(coarse, fine, image_cache, text_cache, parse_topk(topk), device=device,
-                       protocol=protocol, coarse_mode=coarse_mode, fine_mode=fine_mode,
-                       fuse_weight=fuse_weight, batch_size=batch_size, **options)
+    coarse = run.head
+    if request.coarse_checkpoint is not None:
+        coarse = head_from_checkpoint(load_checkpoint(request.coarse_checkpoint), run.image_cache,
+                                      run.text_cache).to(run.device)
+    result = two_stage(coarse, run.head, run.image_cache, run.text_cache,
+                       parse_topk(request.topk), device=run.device, protocol=run.protocol,
+                       coarse_mode=request.coarse_mode, fine_mode=request.fine_mode,
+                       fuse_weight=request.fuse_weight, batch_size=run.batch_size,
+                       progress=True, **run.blocks)
     k = result["topk"]
-    click.echo(f"{checkpoint} on {split} ({result['images']} images, {result['captions']} "
-               f"captions, protocol {protocol}), two-stage k = {k['i2t']} (i2t), {k['t2i']} (t2i)")
+    click.echo(f"{run.checkpoint} on {run.split} ({result['images']} images, "
+               f"{result['captions']} captions, protocol {run.protocol}), two-stage k = "
+               f"{k['i2t']} (i2t), {k['t2i']} (t2i)")
     click.echo("coarse only:\n" + format_table(result["coarse"]))
     click.echo("two-stage:\n" + format_table(result["final"], result["seconds"]))
     recall = result["coarse_recall_at_k"]
     click.echo(f"coarse recall at k: i2t {recall['i2t']:.2f} %, t2i {recall['t2i']:.2f} %; fine "
                f"pairs scored {result['pairs_scored']:,} of {result['pairs_full']:,}")
-    report = {"checkpoint": str(checkpoint), "coarse_checkpoint": coarse_checkpoint,
-              "head": state["head_name"], "split": split, "images_cache": str(image_cache.path),
-              "texts_cache": str(text_cache.path), "epoch": state["epoch"],
-              "coarse_mode": coarse_mode, "fine_mode": fine_mode, **result}
-    out = (Path(json_out) if json_out else
-           Path(checkpoint).parent / f"eval-{split}-rerank{k['i2t']}_{k['t2i']}.json")
-    write_report(out, report)
+    out = run.report_path(f"eval-{run.split}-rerank{k['i2t']}_{k['t2i']}.json")
+    write_report(out, run.report(result, coarse_checkpoint=request.coarse_checkpoint,
+                                 coarse_mode=request.coarse_mode, fine_mode=request.fine_mode))
     click.echo(f"report: {out}")

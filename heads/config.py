@@ -336,6 +336,37 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
     return validate(config, source)
 
 
+REFERENCE_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "base" / "reference.yaml"
+"""The recipe a run without a config file starts from (the references' shared defaults)."""
+
+
+def config_without_file(head: str, features: str | Path, dataset: str,
+                        overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """``cli train-head --head NAME --features DIR --dataset NAME``: the reference recipe, the
+    head's own defaults, and the caches under ``DIR/NAME/<train split>``. A cache tag that
+    ``--set data.image=`` / ``data.text=`` does not give is the only one of its modality there."""
+    defaults = {k: v for k, v in head_options(head).items()
+                if v is None or isinstance(v, (bool, int, float, str))}
+    config = _merge(load_file(REFERENCE_RECIPE), {"head": {"name": head, **defaults},
+                                                  "data": {"features": str(features),
+                                                           "dataset": dataset}})
+    config = apply_overrides(config, overrides, "--head")
+    data = config["data"]
+    folder = Path(data["features"]) / data["dataset"] / data.get("train_split", "train")
+    for modality in ("image", "text"):
+        if data.get(modality):
+            continue
+        tags = sorted(f.name[len(modality) + 1:-len(".h5")] for f in folder.glob(f"{modality}-*.h5")
+                      if ".shard-" not in f.name)
+        if len(tags) != 1:
+            found = f"found {', '.join(tags)}" if tags else "found none"
+            raise InputError(f"{folder}: expected one complete {modality} cache "
+                             f"({modality}-<tag>.h5), {found}; choose with --set "
+                             f"data.{modality}=TAG")
+        data[modality] = tags[0]
+    return validate(config, f"--head {head}")
+
+
 def save_config(config: dict[str, Any], path: str | Path) -> None:
     """Write a resolved config as YAML (readable back with ``load_config``)."""
     Path(path).write_text(yaml.safe_dump(config, sort_keys=False))

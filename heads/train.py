@@ -27,7 +27,6 @@ import importlib.util
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +38,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from cache.datasets import EpochBatches, PairBatches, check_pair_caches, pair_loader, resolve_preload
+from cache.datasets import EpochBatches, PairBatches, check_pairing, pair_loader, resolve_preload
 from cache.errors import InputError
+from cache.progress import progress_bar
 from cache.store import ImageCache, TextCache
 from heads.registry import build_head
 from heads.base import FeatureSpec, Head, Progress
@@ -110,7 +110,7 @@ def open_split(config: dict[str, Any], split: str) -> tuple[ImageCache, TextCach
     """The image and text caches of a split, checked to belong together."""
     image_path, text_path = cache_paths(config, split)
     images, texts = ImageCache(image_path), TextCache(text_path)
-    check_pair_caches(images, texts)
+    check_pairing(images, texts)
     return images, texts
 
 
@@ -368,9 +368,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=device)
         first_bad = torch.full((), -1, dtype=torch.long, device=device)
         scalars: dict[str, Any] = {}
-        bar = tqdm(self.loader, total=self.steps_per_epoch, leave=False, dynamic_ncols=True,
-                   desc=f"epoch {epoch}", disable=not (self.show_progress and self.dist.is_main),
-                   mininterval=0.1 if sys.stderr.isatty() else 30.0)  # sparse lines in log files
+        bar = progress_bar(self.loader, total=self.steps_per_epoch, leave=False,
+                           desc=f"epoch {epoch}",
+                           disable=not (self.show_progress and self.dist.is_main))
         for i, (images, texts, image_ids) in enumerate(bar):
             images = images.to(device, dtype=torch.float32)
             texts = texts.to(device, dtype=torch.float32)

@@ -2,8 +2,8 @@
 # End-to-end demo on a rendered caption set: `make demo` runs `bash scripts/demo.sh .venv/bin/python demo`.
 #   1. cli demo-data: 1,200 scenes of coloured shapes with five true captions each (1000/100/100 split)
 #   2. cli extract:   EfficientNet-Lite0 patch tokens + MiniLM token states for every split (CPU, offline)
-#   3. stage two:     train a head from the caches and evaluate it (see the marked section below)
-# Reruns keep complete caches written with the same settings (--skip-existing).
+#   3. cli train-head + cli eval: a VSE∞ head on those caches, selected on dev, scored on test
+# A rerun keeps the complete caches written with the same settings and retrains the head.
 set -euo pipefail
 
 PY=${1:?usage: bash scripts/demo.sh PYTHON DIR}
@@ -21,13 +21,9 @@ echo "== 1/3 rendering the demo caption set into $DIR"
 echo "== 2/3 extracting $IMAGE_TAG + $TEXT_TAG features into $FEATURES"
 "$PY" cli.py extract --backbone efficientnet_lite0 --text-encoder minilm \
     --dataset "$DATASET" --data-path "$DIR" --images "$DIR/images" \
-    --split train,dev,test --out "$FEATURES" --skip-existing
+    --split train,dev,test --out "$FEATURES"
 
-echo "== 3/3 training and evaluating a head"
-# ---------------------------------------------------------------------------------------------
-# STAGE TWO (helper-3): `cli train-head` + `cli eval` go here, reading the caches
-#   $FEATURES/$DATASET/{train,dev,test}/image-$IMAGE_TAG.h5 and text-$TEXT_TAG.h5
-# ---------------------------------------------------------------------------------------------
+echo "== 3/3 training a head on $FEATURES/$DATASET/{train,dev}, evaluating it on test"
 RUN="$DIR/runs/vse"
 rm -rf "$RUN"                  # a rerun trains afresh (train-head refuses to overwrite a run)
 "$PY" cli.py train-head --config configs/demo_vse.yaml --out "$RUN" \

@@ -1,4 +1,4 @@
-"""Shared fixtures. Helpers append fixtures below; keep each one small and documented."""
+"""Fixtures shared by every test package: the real data beside the repo, one torch thread."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -17,38 +17,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cache.datasets import check_pairing
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from heads.base import Encoded, Head, index_encoded, num_items
 from heads.eval.metrics import (Subset, fold_indices, local_caption_image, mean_metrics,
-                           protocol_metrics, protocol_subsets, recall_metrics)
+                           protocol_subsets, recall_metrics)
 from heads.eval.rerank import FineScorer, rerank
 from heads.eval.scoring import (DEFAULT_CAPTION_BLOCK, DEFAULT_IMAGE_BLOCK, DEFAULT_PAIR_BATCH,
                            encode_cache, score_pairs, similarity_matrix, synchronize)
-
-
-def check_pairing(image_cache: ImageCache, text_cache: TextCache) -> Tensor:
-    """The caption -> image rows of a split, after checking that the text cache describes the
-    image cache: same dataset/split attributes (where both are set), every caption pointing to an
-    existing image and every image having a caption. Mismatches name both files."""
-    files = f"{text_cache.path} and {image_cache.path}"
-    ia, ta = image_cache.attrs, text_cache.attrs
-    for name in ("dataset", "split"):
-        if getattr(ia, name) and getattr(ta, name) and getattr(ia, name) != getattr(ta, name):
-            raise InputError(f"{files}: not the same {name} ({getattr(ta, name)!r} vs "
-                             f"{getattr(ia, name)!r})")
-    index = np.asarray(text_cache.image_index, np.int64)
-    n_img = len(image_cache)
-    if index.size and (index.min() < 0 or index.max() >= n_img):
-        row = int(np.nonzero((index < 0) | (index >= n_img))[0][0])
-        raise InputError(f"{files}: caption row {row} points to image row {int(index[row])}, but "
-                         f"the image cache has {n_img} images")
-    counts = np.bincount(index, minlength=n_img)
-    if (counts == 0).any():
-        missing = np.nonzero(counts == 0)[0]
-        raise InputError(f"{files}: {missing.size} of the {n_img} images have no caption (first "
-                         f"image rows {missing[:5].tolist()}); are they the same split?")
-    return torch.from_numpy(index)
 
 
 @contextlib.contextmanager
@@ -206,5 +183,4 @@ def two_stage(coarse_head: Head, fine_head: Head, image_cache: ImageCache, text_
         "device": str(device)}
 
 
-__all__ = ["recall_metrics", "protocol_metrics", "encode_cache", "similarity_matrix",
-           "score_pairs", "evaluate", "two_stage", "check_pairing", "rerank"]
+__all__ = ["evaluate", "two_stage"]

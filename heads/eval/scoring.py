@@ -128,8 +128,9 @@ def similarity_matrix(head: Head, img_enc: Encoded, txt_enc: Encoded, device: to
 def score_pairs(head: Head, img_enc: Encoded, txt_enc: Encoded, image_rows: Tensor,
                 caption_rows: Tensor, device: torch.device | str,
                 pair_batch: int = DEFAULT_PAIR_BATCH, progress: bool = False) -> Tensor:
-    """Scores ``[P]`` (float32, computed in float32, on the CPU) of the pairs (image_rows[p], caption_rows[p]) with the head's
-    active branch, ``pair_batch`` aligned pairs per ``head.score_pairs`` call.
+    """Scores ``[P]`` (float32, computed in float32, on the CPU) of the pairs (image_rows[p],
+    caption_rows[p]) with the head's active branch, ``pair_batch`` aligned pairs per
+    ``head.score_pairs`` call.
 
     The row indices go to the device once; each batch gathers its encodings there.
     """

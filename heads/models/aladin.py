@@ -186,8 +186,9 @@ class ALADINHead(Head):
             self._teacher_ready = True
 
     def frozen_prefixes(self) -> tuple[str, ...]:
-        """Stage ``student`` trains the student only; the teacher is frozen."""
-        return ("teacher.",) if self.stage == "student" else ()
+        """Stage ``student`` trains the student only (the teacher is frozen); stage ``teacher``
+        trains the teacher only (the student is unused until a student run copies the teacher)."""
+        return {"student": ("teacher.",), "teacher": ("student.",)}.get(self.stage, ())
 
     def _require_teacher(self) -> None:
         if not self._teacher_ready:

@@ -272,3 +272,11 @@ def test_merge_rejects_gaps_overlaps_and_foreign_shards(tmp_path, image_data):
     with pytest.raises(InputError, match=r"w\.h5: not a shard"):
         merge_shards([whole], tmp_path / "m.h5")
     assert not (tmp_path / "m.h5").exists()
+
+
+def test_a_checkpoint_identity_is_the_producer_part_of_a_file_identity():
+    """A resumed file must match its producer and its rows; a checkpoint only the producer."""
+    assert set(CacheAttrs.FEATURE_FIELDS) < set(CacheAttrs.IDENTITY)
+    rows = {"dataset", "split", "num_items", "num_tokens", "shard_start", "shard_stop",
+            "total_items"}
+    assert set(CacheAttrs.IDENTITY) - set(CacheAttrs.FEATURE_FIELDS) == rows | {"modality"}

@@ -404,6 +404,28 @@ def test_imgfocus_conversion_reproduces_the_onnx_backbone(imgfocus_home, monkeyp
         tokens = enc(pixels).numpy()
     assert tokens.shape == expected.shape == (2, 257, 384)
     assert np.abs(tokens - expected).max() < 1e-4
+    assert "saliency fine-tune" in enc.weights_note and "not facebook/dinov2-small" in enc.weights_note
+
+
+@needs_imgfocus
+def test_imgfocus_conversion_reproduces_the_onnx_backbone_on_flickr8k_photos(imgfocus_home, shared_data,
+                                                                           monkeypatch, capsys):
+    """The README's figure: max abs difference to the ONNX backbone on real photos at 224 px."""
+    from extract.datasets import ImageDataset, load_split
+
+    monkeypatch.setenv("RETRIEVAL_HEADS_HOME", str(imgfocus_home))
+    enc = create_image_encoder("dinov2", weights=dinov2_onnx.WEIGHTS_ID)
+    split = load_split("f8k", shared_data / "f8k", "test", shared_data / "flickr8k-images")
+    dataset = ImageDataset(split, enc.transform)
+    pixels = torch.stack([dataset[row][1] for row in range(4)])
+    expected = dinov2_onnx.run_onnx_backbone(dinov2_onnx.find_imgfocus_onnx(), pixels.numpy())
+    with torch.no_grad():
+        tokens = enc(pixels).numpy()
+    error = float(np.abs(tokens - expected).max())
+    with capsys.disabled():  # the measured figure, for the README
+        print(f"\nimgfocus-dinov2-s14 vs ONNX on {len(pixels)} Flickr8k photos: max abs {error:.2e}")
+    assert tokens.shape == expected.shape == (4, 257, 384)
+    assert error < 1e-4
 
 
 @needs_imgfocus

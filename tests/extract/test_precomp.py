@@ -107,13 +107,22 @@ def test_scan_bad_arrays(tmp_path):
     assert code == 2 and message == f"{npy}: features file not found"
 
 
-def test_import_refuses_a_complete_file(tmp_path):
+def test_import_keeps_the_same_import_and_refuses_another(tmp_path):
     write_captions(tmp_path / "data")
     np.save(tmp_path / "data" / "test_ims.npy", features())
     assert import_scan(tmp_path / "data", tmp_path / "out")[0] == 0
+    target = tmp_path / "out" / "f30k" / "test" / "image-butd.h5"
+    before = (target.stat().st_mtime_ns, target.read_bytes())
+    code, output = import_scan(tmp_path / "data", tmp_path / "out")
+    assert code == 0 and "kept" in output
+    assert (target.stat().st_mtime_ns, target.read_bytes()) == before
+    np.save(tmp_path / "data" / "test_ims.npy", features(seed=1))
     code, message = import_scan(tmp_path / "data", tmp_path / "out")
-    assert code == 2 and "already exists; pass --overwrite" in message
+    assert code == 2 and message.startswith(f"{target}: a complete cache from a different")
+    assert "weights_hash" in message and "--overwrite" in message
     assert import_scan(tmp_path / "data", tmp_path / "out", "--overwrite")[0] == 0
+    np.testing.assert_array_equal(np.asarray(cache_of(tmp_path / "out").tokens),
+                                  features(seed=1).astype(np.float16))
 
 
 def test_teran_npz_with_boxes(tmp_path):

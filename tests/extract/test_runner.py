@@ -1,5 +1,6 @@
-"""``cli extract`` end to end on CPU: what it writes, resume after SIGKILL, shards + merge, and the
-one-line exit-2 errors for every kind of bad input.
+"""``cli extract`` end to end on CPU: what it writes, resume after SIGKILL, reruns after a kill at
+any file of a multi-file call, the merged summary, shards + merge, and the one-line exit-2 errors
+for every kind of bad input.
 
 Tiny random DINOv2/BERT models (saved to a temp folder, loaded through the hub-id code path) keep
 most tests fast; the resume test and the Flickr8k test run the real EfficientNet-Lite0 / MiniLM.
@@ -20,7 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cache.store import ImageCache, TextCache, describe, open_cache, partial_path
+from cache.store import (ImageCache, ImageCacheWriter, TextCache, TextCacheWriter, describe,
+                         open_cache, partial_path)
 from extract.backbones import create_image_encoder, create_text_encoder
 from extract.datasets import load_split
 from extract.demo_data import generate_demo_data
@@ -100,9 +102,12 @@ def test_extract_writes_caches_equal_to_a_direct_forward(demo, tiny, tmp_path):
         assert length[0] == len(ids)
         np.testing.assert_allclose(cached[0].astype(np.float32), states.numpy(), atol=2e-3)
 
-    summary = json.loads((tmp_path / "f30k" / "extract-summary.json").read_text())
-    assert [Path(f["file"]).name for f in summary["files"]] == ["image-dinov2.h5", "text-bert.h5"] * 2
-    assert summary["files"][0]["rows"] == 12 and summary["settings"]["limit"] == 12
+    summary = json.loads((tmp_path / "f30k" / "extract-summary.json").read_text())["files"]
+    assert list(summary) == ["test/image-dinov2.h5", "test/text-bert.h5", "train/image-dinov2.h5",
+                             "train/text-bert.h5"]
+    entry = summary["train/image-dinov2.h5"]
+    assert entry["rows"] == 12 and entry["status"] == "written"
+    assert entry["settings"]["limit"] == 12 and entry["file"] == str(image_file)
     assert len(ImageCache(files(tmp_path, "test")[0])) == 5
 
 
@@ -127,16 +132,25 @@ def test_text_only_needs_no_images(demo, tiny, tmp_path):
 # ------------------------------------------------------------------------------------------ reruns
 
 
-def test_complete_files_are_refused_kept_or_replaced(demo, tiny, tmp_path):
+def stamps(paths: list[Path]) -> dict[Path, tuple[int, bytes]]:
+    """Modification time and bytes of each file: equal stamps = a file left untouched."""
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in paths}
+
+
+def test_complete_files_of_the_same_work_are_kept_or_replaced(demo, tiny, tmp_path):
     args = tiny_args(demo, tmp_path, tiny, "--split", "dev")
     assert run_cli(*args)[0] == 0
-    code, message = run_cli(*args)
-    assert code == 2
-    assert message.startswith(str(files(tmp_path, "dev")[0]))
-    assert "complete cache with these settings already exists; pass --overwrite" in message
-    code, output = run_cli(*args, "--skip-existing")
-    assert code == 0 and output.count("skipped") == 2
-    assert run_cli(*args, "--overwrite")[0] == 0
+    before = stamps(list(files(tmp_path, "dev")))
+    for extra in ((), ("--skip-existing",)):  # --skip-existing: accepted, now the default
+        code, output = run_cli(*args, *extra)
+        assert code == 0, output
+        for path in files(tmp_path, "dev"):
+            assert f"kept {path}" in output
+        assert stamps(list(files(tmp_path, "dev"))) == before
+    code, message = run_cli(*args, "--overwrite", "--skip-existing")
+    assert code == 2 and message == "--overwrite and --skip-existing exclude each other"
+    code, output = run_cli(*args, "--overwrite")
+    assert code == 0 and f"written {files(tmp_path, 'dev')[0]}" in output
 
 
 def test_complete_file_of_another_backbone_is_named(demo, tiny, tmp_path):
@@ -145,8 +159,176 @@ def test_complete_file_of_another_backbone_is_named(demo, tiny, tmp_path):
     other[other.index("--weights") + 1] = tiny["dinov2_other"]
     code, message = run_cli(*other)
     assert code == 2
-    assert "image-x.h5: a complete cache from a different extraction exists" in message
-    assert "weights_id" in message
+    assert message.startswith(f"{tmp_path / 'f30k' / 'dev' / 'image-x.h5'}: a complete cache from "
+                              "a different extraction exists (file != this call: weights_id: ")
+    assert "weights_hash" in message and "--overwrite" in message
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL in-process: nothing in the command catches it."""
+
+
+def kill_in_file(monkeypatch, number: int) -> None:
+    """Make the command die right after the first batch of the ``number``-th file it writes
+    (0-based): the files before it are complete, that one is a .partial with a batch committed."""
+    started: list[Path] = []
+    for writer in (ImageCacheWriter, TextCacheWriter):
+        def append(self, *args, _append=writer.append, **kwargs):
+            _append(self, *args, **kwargs)
+            if self.path not in started:
+                started.append(self.path)
+            if len(started) > number:
+                raise Killed(self.path)
+        monkeypatch.setattr(writer, "append", append)
+
+
+ALL_SPLITS = ("--split", "train,dev,test", "--limit", 6, "--batch-size", 4)
+
+
+def all_files(out: Path) -> list[Path]:
+    """The six files of ``ALL_SPLITS`` in the order the command writes them."""
+    return [path for split in ("train", "dev", "test") for path in files(out, split)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo, tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    code, output = run_cli(*tiny_args(demo, out, tiny, *ALL_SPLITS))
+    assert code == 0, output
+    return out
+
+
+@pytest.mark.parametrize("killed_in", range(6))
+@pytest.mark.parametrize("partial", ["left", "deleted"])
+def test_rerun_after_a_kill_in_any_file_finishes_and_keeps_complete_files(
+        demo, tiny, uninterrupted, tmp_path, monkeypatch, killed_in, partial):
+    """Killed while writing file ``killed_in`` (its .partial left, or deleted: killed exactly at
+    the boundary); rerunning the same command keeps the complete files untouched, resumes or
+    writes the rest, and every file equals the uninterrupted run's."""
+    args = tiny_args(demo, tmp_path, tiny, *ALL_SPLITS)
+    with monkeypatch.context() as patch:
+        kill_in_file(patch, killed_in)
+        with pytest.raises(Killed):
+            run_cli(*args)
+    paths = all_files(tmp_path)
+    assert [p.exists() for p in paths] == [i < killed_in for i in range(6)]
+    assert partial_path(paths[killed_in]).exists()
+    if partial == "deleted":
+        partial_path(paths[killed_in]).unlink()
+    complete = stamps(paths[:killed_in])
+
+    code, output = run_cli(*args)
+    assert code == 0, output
+    assert stamps(paths[:killed_in]) == complete
+    for i, path in enumerate(paths):
+        status = "kept" if i < killed_in else "written"
+        if i == killed_in and partial == "left":
+            status = "resumed"
+        assert f"{status} {path} (" in output
+        assert not partial_path(path).exists()
+    for path, reference in zip(paths, all_files(uninterrupted)):
+        got, expected = open_cache(path), open_cache(reference)
+        assert got.attrs == expected.attrs
+        np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(expected.tokens))
+
+
+def test_a_file_of_other_settings_stops_the_command_before_any_work(demo, tiny, tmp_path):
+    first = tiny_args(demo, tmp_path, tiny, "--split", "test", "--limit", 6, "--batch-size", 4)
+    assert run_cli(*first)[0] == 0
+    test_image, test_text = files(tmp_path, "test")
+    before = stamps([test_image, test_text])
+    other = tiny_args(demo, tmp_path, tiny, *ALL_SPLITS)  # all splits, other image weights
+    other[other.index("--weights") + 1] = tiny["dinov2_other"]
+    code, message = run_cli(*other)
+    assert code == 2
+    assert message.startswith(f"{test_image}: a complete cache from a different extraction exists")
+    assert "weights_id" in message and "weights_hash" in message and "--overwrite" in message
+    assert not (tmp_path / "f30k" / "train").exists()  # nothing done before the refusal
+    assert stamps([test_image, test_text]) == before
+
+    code, output = run_cli(*other, "--overwrite")
+    assert code == 0, output
+    assert ImageCache(test_image).attrs.weights_id == str(tiny["dinov2_other"].resolve())
+
+
+def test_a_file_of_other_captions_is_refused(demo, tiny, tmp_path):
+    data = copy_demo(demo, tmp_path)
+    args = ["extract", "--text-encoder", "bert", "--text-weights", tiny["bert"], "--dataset",
+            "f30k", "--data-path", data, "--split", "dev", "--out", tmp_path / "out"]
+    assert run_cli(*args)[0] == 0
+    captions = (data / "dev_caps.txt").read_text().splitlines()
+    captions[3] = "a caption edited since"
+    (data / "dev_caps.txt").write_text("\n".join(captions) + "\n")
+    code, message = run_cli(*args)
+    assert code == 2 and message.startswith(f"{tmp_path / 'out' / 'f30k' / 'dev' / 'text-bert.h5'}:")
+    assert "captions differ from row 3" in message and "'a caption edited since'" in message
+
+
+def test_summary_keeps_the_entries_of_every_call(demo, tiny, tmp_path):
+    assert run_cli(*tiny_args(demo, tmp_path, tiny, "--split", "dev"))[0] == 0
+    code, output = run_cli("extract", "--backbone", "efficientnet_lite0", "--dataset", "f30k",
+                           "--data-path", demo, "--images", demo / "images", "--split", "dev",
+                           "--batch-size", 5, "--workers", 0, "--device", "cpu", "--out", tmp_path)
+    assert code == 0, output
+    summary_file = tmp_path / "f30k" / "extract-summary.json"
+    entries = json.loads(summary_file.read_text())["files"]
+    assert list(entries) == ["dev/image-dinov2.h5", "dev/image-efficientnet_lite0.h5",
+                             "dev/text-bert.h5"]
+    assert entries["dev/image-dinov2.h5"]["settings"]["backbone"] == "dinov2"
+    assert entries["dev/text-bert.h5"]["settings"]["text_encoder"] == "bert"
+    assert entries["dev/image-efficientnet_lite0.h5"]["settings"]["backbone"] == "efficientnet_lite0"
+    assert all(e["status"] == "written" for e in entries.values())
+
+    assert run_cli(*tiny_args(demo, tmp_path, tiny, "--split", "dev"))[0] == 0  # keeps both files
+    assert json.loads(summary_file.read_text())["files"] == entries  # the writing call's entries
+    assert [p.name for p in summary_file.parent.iterdir() if p.is_file()] == [summary_file.name]
+
+
+def test_summary_of_an_earlier_version_is_merged(demo, tiny, tmp_path):
+    summary_file = tmp_path / "f30k" / "extract-summary.json"
+    summary_file.parent.mkdir(parents=True)
+    old = {"file": str(tmp_path / "f30k" / "dev" / "image-old.h5"), "status": "written", "rows": 5}
+    summary_file.write_text(json.dumps({"settings": {"backbone": "old"}, "files": [old]}))
+    assert run_cli(*tiny_args(demo, tmp_path, tiny, "--split", "dev"))[0] == 0
+    entries = json.loads(summary_file.read_text())["files"]
+    assert entries["dev/image-old.h5"] == {**old, "settings": {"backbone": "old"}}
+    assert "dev/image-dinov2.h5" in entries
+    summary_file.write_text("{not json")
+    code, message = run_cli(*tiny_args(demo, tmp_path, tiny, "--split", "dev"))
+    assert code == 2 and message.startswith(f"{summary_file}: unreadable summary")
+
+
+def test_progress_off_a_terminal_is_plain_lines(demo, tiny, tmp_path):
+    code, output = run_cli(*tiny_args(demo, tmp_path, tiny, "--split", "dev", "--batch-size", 2))
+    assert code == 0, output
+    assert "\r" not in output
+    lines = [line for line in output.splitlines() if line.startswith("image-dinov2.h5: ")]
+    assert "0/5" in lines[0] and "5/5" in lines[-1]
+
+
+def test_weights_note_is_written_shown_and_not_identity(demo, tiny, tmp_path):
+    weights = tmp_path / "noted"
+    shutil.copytree(tiny["dinov2"], weights)
+    note = "a tiny random DINOv2, not facebook/dinov2-small"
+    (weights / "conversion.json").write_text(json.dumps({"description": note}))
+    args = tiny_args(demo, tmp_path / "out", tiny, "--split", "dev")
+    args[args.index("--weights") + 1] = weights
+    assert run_cli(*args)[0] == 0
+    image_file, text_file = files(tmp_path / "out", "dev")
+    assert ImageCache(image_file).attrs.weights_note == note
+    assert TextCache(text_file).attrs.weights_note == ""
+    code, output = run_cli("info", image_file)
+    assert code == 0 and f"weights: {note}" in output
+
+    with h5py.File(image_file, "r+") as f:  # a cache written before the attribute existed
+        del f.attrs["weights_note"]
+    assert ImageCache(image_file).attrs.weights_note == ""
+    code, output = run_cli(*args)
+    assert code == 0 and f"kept {image_file}" in output  # the note is not part of the identity
+
+    (weights / "conversion.json").write_text("[1, 2")
+    code, message = run_cli(*args)
+    assert code == 2 and message.startswith(f"{weights / 'conversion.json'}: unreadable")
 
 
 def test_partial_file_of_other_weights_is_refused(demo, tiny, tmp_path):
@@ -238,8 +420,10 @@ def test_two_ranks_then_merge_equals_a_single_run(demo, tiny, tmp_path):
     texts_m, texts_s = TextCache(files(sharded)[1]), TextCache(files(tmp_path / "single")[1])
     assert texts_m.captions == texts_s.captions
     np.testing.assert_array_equal(texts_m.image_index, texts_s.image_index)
-    code, message = run_cli(*tiny_args(demo, sharded, tiny, *common, "--merge"))
-    assert code == 2 and "already exists" in message
+    merged = stamps(list(files(sharded)))
+    code, output = run_cli(*tiny_args(demo, sharded, tiny, *common, "--merge"))
+    assert code == 0 and output.count(" kept ") == 2, output  # a rerun keeps the merged files
+    assert stamps(list(files(sharded))) == merged
 
 
 def test_torchrun_environment_selects_the_shard(demo, tiny, tmp_path, monkeypatch):

@@ -119,18 +119,3 @@ def _train_and_recall(head: torch.nn.Module, criterion: torch.nn.Module, world: 
     with torch.no_grad():
         sims = head.score(head.encode_images(test_images), head.encode_texts(test_texts))
     return float((sims.argmax(dim=0) == test_of).float().mean())
-
-
-def autocast_error(head: torch.nn.Module, world: SyntheticWorld) -> float:
-    """Largest |score difference| between fp32 and CPU bf16 autocast; also checks that a training
-    loss under autocast back-propagates to finite gradients."""
-    images, texts, ids = world.sample(6)
-    with torch.no_grad():
-        ref = head.score(head.encode_images(images), head.encode_texts(texts))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = head.score(head.encode_images(images), head.encode_texts(texts))
-        loss, _ = head.training_loss(images, texts, ids, lambda s, i, p: s.float().diagonal().sum(),
-                                     Progress())
-    loss.backward()
-    assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
-    return float((low.detach().float() - ref).abs().max())

@@ -142,3 +142,40 @@ def test_error_paths(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixt
     not_a_checkpoint.write_text("hello")
     code, _, err = run_cli(monkeypatch, capsys, "eval", "--checkpoint", str(not_a_checkpoint))
     _one_line_error(code, err, "bad.pt", "checkpoint")
+
+
+def test_train_head_without_a_config_file(monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str], features: Path,
+                                          tmp_path: Path) -> None:
+    """``--head NAME --features DIR --dataset NAME``: the reference recipe, the head's defaults
+    and the only image/text caches of the train split, saved as the resolved config."""
+    run = tmp_path / "run"
+    small = ["--set", "optim.epochs=1", "--set", "optim.batch_size=40", "--set", "run.device=cpu",
+             "--set", "data.preload=none", "--set", "run.tensorboard=false"]
+    code, out, err = run_cli(monkeypatch, capsys, "train-head", "--head", "linear", "--features",
+                             str(features), "--dataset", "syn", "--out", str(run),
+                             "--no-progress", *small)
+    assert code == 0, err
+    config = load_checkpoint(run / "best.pt")["config"]
+    assert config["data"]["image"] == "synimg" and config["data"]["text"] == "syntxt"
+    assert config["loss"]["name"] == "hinge" and config["optim"]["lr"] == 5.0e-4   # reference
+    assert config["head"] == {"name": "linear", **{k: v for k, v in config["head"].items()
+                                                  if k != "name"}}
+    assert config["head"]["embed_dim"] == LinearHead.__init__.__defaults__[0]
+    assert "linear" in (run / "config.yaml").read_text()
+
+
+def test_train_head_without_a_config_file_names_what_is_missing(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], features: Path,
+        tmp_path: Path) -> None:
+    code, _, err = run_cli(monkeypatch, capsys, "train-head", "--head", "linear", "--out",
+                           str(tmp_path / "r"))
+    assert code == 2 and "--head NAME --features DIR --dataset NAME" in err
+    (features / "syn" / "train" / "image-other.h5").write_bytes(b"")
+    try:
+        code, _, err = run_cli(monkeypatch, capsys, "train-head", "--head", "linear",
+                               "--features", str(features), "--dataset", "syn", "--out",
+                               str(tmp_path / "r"))
+    finally:
+        (features / "syn" / "train" / "image-other.h5").unlink()
+    assert code == 2 and "found other, synimg; choose with --set data.image=TAG" in err

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cache.errors import InputError
-from heads.eval.evaluate import check_pairing, evaluate
+from cache.datasets import check_pairing
+from heads.eval.evaluate import evaluate
 from heads.eval.metrics import recall_metrics
 from heads.eval.scoring import encode_cache
 from tests.heads.eval.eval_world import TinyInteraction, TwoBranch, specs, write_split

@@ -1,7 +1,6 @@
 """The scoring engine: encode once, blockwise scoring, pair scoring, and float32 scores."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from heads.base import EmbeddingHead, Encoded, FeatureSpec, index_encoded

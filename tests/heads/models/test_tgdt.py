@@ -8,7 +8,7 @@ import torch
 from cache.batch import TokenBatch
 from cache.errors import InputError
 from heads.registry import build_head, head_options
-from heads.base import FeatureSpec, Progress, index_encoded
+from heads.base import FeatureSpec, Progress
 from heads.layers import l2norm, masked_mean
 from heads.losses import HingeLoss
 from heads.models.tgdt import TGDTHead, consistency_loss
@@ -152,26 +152,6 @@ def test_detach_global_input_keeps_global_losses_off_the_local_layers(world, det
     local_grad = head.image.proj.weight.grad
     assert head.image.glob.layers[0].linear1.weight.grad.abs().sum() > 0
     assert (local_grad is None or local_grad.abs().sum() == 0) == detach
-
-
-def test_modes_scores_and_pairs_agree(world):
-    head = make_head(world).eval()
-    split = sample(world, 4)
-    assert head.score_kind == "interaction" and head.modes == {"global": "embedding",
-                                                               "local": "interaction"}
-    with torch.no_grad():
-        img, txt = head.encode_images(split.images), head.encode_texts(split.texts)
-        assert torch.allclose(img["emb"].norm(dim=1), torch.ones(4), atol=1e-5)
-        for mode in (None, "global", "local"):
-            head.set_mode(mode)
-            full = head.score(img, txt)
-            rows = torch.tensor([0, 3, 2]), torch.tensor([5, 1, 7])
-            pairs = head.score_pairs(index_encoded(img, rows[0]), index_encoded(txt, rows[1]))
-            assert torch.allclose(pairs, full[rows], atol=1e-5)
-        head.set_mode("global")
-        assert torch.allclose(head.score(img, txt), img["emb"] @ txt["emb"].T)
-    with pytest.raises(InputError):
-        head.set_mode("teacher")
 
 
 def test_options_are_registered_and_checked(world):

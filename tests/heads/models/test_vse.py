@@ -6,10 +6,9 @@ import dataclasses
 import torch
 
 from heads.registry import build_head, head_options
-from heads.base import Progress
 from heads.layers import ResidualMLPProjection
 from heads.losses import HingeLoss
-from tests.heads.synthetic_pairs import SyntheticWorld, autocast_error, repad, train_and_recall
+from tests.heads.synthetic_pairs import SyntheticWorld, repad, train_and_recall
 
 
 def test_options_and_image_projection_choice() -> None:
@@ -49,24 +48,8 @@ def test_use_prefix() -> None:
         assert torch.allclose(head.encode_images(images)["emb"], head.encode_images(changed)["emb"])
 
 
-def test_gradient_reaches_every_parameter() -> None:
-    world = SyntheticWorld(seed=4)
-    head = build_head("vse", world.image_spec, world.text_spec, embed_dim=8)
-    images, texts, ids = world.sample(8)
-    loss, _ = head.training_loss(images, texts, ids, HingeLoss(), Progress(epoch=0))
-    loss.backward()
-    for name, p in head.named_parameters():
-        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
-
-
 def test_learns_synthetic_pairs() -> None:
     world = SyntheticWorld(seed=5)
     head = build_head("vse", world.image_spec, world.text_spec, embed_dim=32)
     recall = train_and_recall(head, HingeLoss(reduction="mean"), world, steps=150, lr=3e-3)
     assert recall > 0.3, recall                       # chance: 0.01
-
-
-def test_bf16_autocast() -> None:
-    world = SyntheticWorld(seed=6)
-    head = build_head("vse", world.image_spec, world.text_spec, embed_dim=16)
-    assert autocast_error(head, world) < 0.05
