@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache.store import CacheAttrs, ImageCache, ImageCacheWriter  # noqa: E402
+from bench.machine import print_machine  # noqa: E402
 
 
 def _write(root: Path, rows: int, tokens: int, dim: int) -> tuple[Path, Path]:
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="best of this many passes")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
     args = parser.parse_args()
+    print_machine()
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         h5_path, npy_path = _write(Path(tmp), args.rows, args.tokens, args.dim)
@@ -102,3 +104,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print_machine("end")

@@ -33,6 +33,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import print_machine  # noqa: E402
 from cache.batch import TokenBatch  # noqa: E402
 from heads.registry import build_head, head_options, list_heads  # noqa: E402
 from heads.base import Encoded, FeatureSpec, Head, cat_encoded, index_encoded  # noqa: E402
@@ -179,6 +180,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print_machine()
     device = torch.device(args.device)
     available = set(list_heads())
     print(f"device {device}, {torch.get_num_threads()} CPU threads, {args.images} images x "
@@ -204,3 +206,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print_machine("end")

@@ -29,6 +29,7 @@ from extract.backbones import create_image_encoder  # noqa: E402
 from extract.datasets import ImageDataset, load_split  # noqa: E402
 from cache.device import resolve_device  # noqa: E402
 from extract.runner import RunOptions, extract_images, limit_split  # noqa: E402
+from bench.machine import print_machine  # noqa: E402
 
 
 def bare_pass(index, encoder, options: RunOptions) -> float:
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=2, help="passes per side (best counts)")
     args = parser.parse_args()
+    print_machine()
     if not (args.data_path / f"{args.split}_caps.txt").exists():
         sys.exit(f"no data at {args.data_path} (../shared/data/f8k beside the repo); pass "
                  "--data-path and --images")
@@ -103,3 +105,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print_machine("end")

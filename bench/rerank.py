@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import print_machine  # noqa: E402
 from cache.store import (CacheAttrs, ImageCache, ImageCacheWriter, TextCache,  # noqa: E402
                          TextCacheWriter)
 from heads.registry import build_head, head_options  # noqa: E402
@@ -119,6 +120,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print_machine()
     topk = parse_topk(args.topk)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,3 +176,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print_machine("end")

@@ -37,6 +37,7 @@ from extract.runner import RunOptions, extract_images, extract_texts, limit_spli
 from heads.registry import build_head, head_options  # noqa: E402
 from heads.base import FeatureSpec, Head, Progress  # noqa: E402
 from heads.losses import build_loss  # noqa: E402
+from bench.machine import print_machine  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 Batch = tuple[TokenBatch, TokenBatch, Tensor]
@@ -113,6 +114,7 @@ def main() -> None:
         print(f"skipped: Flickr8k not found at {DATA} (../shared/data beside the repository)")
         return
     torch.set_num_threads(args.threads)
+    print_machine()
     index = limit_split(load_split("f8k", DATA / "f8k", "train", DATA / "flickr8k-images"),
                         args.images)
     image_encoder = create_image_encoder("efficientnet_lite0")
@@ -162,3 +164,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print_machine("end")

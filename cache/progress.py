@@ -1,14 +1,16 @@
 """Progress of long work: a tqdm bar on a terminal, plain lines in a log file.
 
-On a terminal the bar redraws in place. When the stream is not a terminal (``nohup``, a log file, CI)
-``progress_bar`` writes one complete line (``desc: pct|bar| n/total [elapsed<remaining, rate]``) when
-it starts, at most every ``LOG_INTERVAL_S`` seconds while it runs, and a last one with the total and
-the overall rate when it is closed; no carriage returns and no blank lines.
+On a terminal the bar redraws in place. When the stream is not a terminal (``nohup``, a log file,
+CI) ``progress_bar`` writes one complete line (``desc: pct|bar| n/total [elapsed<remaining,
+rate]``) when it starts, about every ``LOG_INTERVAL_S`` seconds while it runs (tqdm's own timing),
+and a last one with the total and the overall rate when it is closed; no carriage returns and no
+blank lines.
 """
 from __future__ import annotations
 
 import sys
-from typing import Any, TextIO
+from contextlib import contextmanager
+from typing import Any, Iterator, TextIO
 
 from tqdm import tqdm
 
@@ -49,3 +51,19 @@ def progress_bar(*args: Any, **kwargs: Any) -> tqdm:
                   leave=True)  # the closing line is the record of the work
     kwargs.setdefault("ncols", 100)
     return tqdm(*args, **kwargs)
+
+
+@contextmanager
+def no_loading_bar_off_a_terminal() -> Iterator[None]:
+    """Turn transformers' "Loading weights" bar off while loading when stderr is not a terminal: it
+    redraws with carriage returns, which a log file (nohup) would keep."""
+    from transformers.utils import logging as hf_logging
+
+    if sys.stderr.isatty() or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()

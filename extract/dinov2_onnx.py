@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from cache.errors import InputError
-from extract.weights import no_loading_bar_off_a_terminal
+from cache.progress import no_loading_bar_off_a_terminal
 
 WEIGHTS_ID = "imgfocus-dinov2-s14"
 _ONNX_RELPATH = Path("models") / "vit_s_focus.onnx"

@@ -30,16 +30,15 @@ import hashlib
 import importlib
 import json
 import re
-import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
 from cache.errors import InputError
+from cache.progress import no_loading_bar_off_a_terminal
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -167,22 +166,6 @@ def load_hf_model(source: WeightsSource, classes: Mapping[str, type], **kwargs) 
             f"mis-shaped in the checkpoint (first: {missing[0]})"
         )
     return model.eval()
-
-
-@contextmanager
-def no_loading_bar_off_a_terminal() -> Iterator[None]:
-    """Turn transformers' "Loading weights" bar off while loading when stderr is not a terminal: it
-    redraws with carriage returns, which a log file (nohup) would keep."""
-    from transformers.utils import logging as hf_logging
-
-    if sys.stderr.isatty() or not hf_logging.is_progress_bar_enabled():
-        yield
-        return
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.enable_progress_bar()
 
 
 def load_hf_tokenizer(source: WeightsSource):

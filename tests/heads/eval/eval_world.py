@@ -104,3 +104,15 @@ def interaction_heads(image: ImageCache, text: TextCache) -> list[Head]:
     torch.manual_seed(0)
     return [TinyInteraction(*specs(image, text)),
             build_head("scan", *specs(image, text), embed_dim=8)]
+
+
+def recalls_of_ranks(i2t: np.ndarray, t2i: np.ndarray) -> dict[str, float]:
+    """The reported metrics of 0-based best ground-truth ranks per query, written out plainly."""
+    out = {}
+    for name, ranks in (("i2t", i2t), ("t2i", t2i)):
+        for k in (1, 5, 10):
+            out[f"{name}_r{k}"] = 100.0 * np.mean(ranks < k)
+        out[f"{name}_medr"] = float(np.floor(np.median(ranks)) + 1)
+        out[f"{name}_meanr"] = float(ranks.mean() + 1)
+    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+    return out

@@ -8,6 +8,7 @@ import torch
 from cache.errors import InputError
 from heads.eval.metrics import (METRIC_KEYS, fold, fold_indices, i2t_ranks, protocol_metrics,
                                 recall_metrics, t2i_ranks)
+from tests.heads.eval.eval_world import recalls_of_ranks
 
 
 def reference_ranks(sims: np.ndarray, caption_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -29,14 +30,7 @@ def reference_ranks(sims: np.ndarray, caption_image: np.ndarray) -> tuple[np.nda
 
 
 def reference_metrics(sims: np.ndarray, caption_image: np.ndarray) -> dict[str, float]:
-    out = {}
-    for name, ranks in zip(("i2t", "t2i"), reference_ranks(sims, caption_image)):
-        for k in (1, 5, 10):
-            out[f"{name}_r{k}"] = 100.0 * np.mean(ranks < k)
-        out[f"{name}_medr"] = float(np.floor(np.median(ranks)) + 1)
-        out[f"{name}_meanr"] = float(ranks.mean() + 1)
-    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
-    return out
+    return recalls_of_ranks(*reference_ranks(sims, caption_image))
 
 
 def assert_metrics_equal(got: dict[str, float], want: dict[str, float]) -> None:

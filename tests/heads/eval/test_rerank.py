@@ -14,7 +14,7 @@ from heads.registry import build_head
 from heads.eval.evaluate import evaluate, two_stage
 from heads.eval.metrics import recall_metrics
 from heads.eval.rerank import parse_topk, rerank
-from tests.heads.eval.eval_world import TwoBranch, specs, write_split
+from tests.heads.eval.eval_world import TwoBranch, recalls_of_ranks, specs, write_split
 
 
 def lookup(fine: Tensor):
@@ -41,17 +41,6 @@ def reference_ranks(coarse: np.ndarray, fine: np.ndarray, caption_image: np.ndar
     return np.array(i2t), np.array(t2i)
 
 
-def metrics_of(i2t: np.ndarray, t2i: np.ndarray) -> dict[str, float]:
-    out = {}
-    for name, ranks in (("i2t", i2t), ("t2i", t2i)):
-        for k in (1, 5, 10):
-            out[f"{name}_r{k}"] = 100.0 * np.mean(ranks < k)
-        out[f"{name}_medr"] = float(np.floor(np.median(ranks)) + 1)
-        out[f"{name}_meanr"] = float(ranks.mean() + 1)
-    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
-    return out
-
-
 def random_problem(n_img: int = 30, per_image: int = 5, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     caption_image = torch.arange(n_img).repeat_interleave(per_image)
@@ -66,7 +55,7 @@ def test_matches_brute_force_ordering(k_i2t: int, k_t2i: int, weight: float) -> 
     coarse, fine, caption_image = random_problem()
     fine = (fine * 4).round() / 4              # many exact ties inside shortlists
     got = rerank(coarse, caption_image, lookup(fine), k_i2t, k_t2i, weight)
-    want = metrics_of(*reference_ranks(coarse.numpy(), fine.numpy(), caption_image.numpy(),
+    want = recalls_of_ranks(*reference_ranks(coarse.numpy(), fine.numpy(), caption_image.numpy(),
                                        k_i2t, k_t2i, weight))
     for key, value in want.items():
         assert got["final"][key] == pytest.approx(value, abs=1e-9), key
