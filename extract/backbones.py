@@ -18,17 +18,21 @@ Image encoders (``list_image_encoders()``), default weights, and layout at the d
   Dinov2WithRegisters), grid 16x16. Offline: ``weights="imgfocus-dinov2-s14"`` (ViT-S/14, D = 384).
 - ``vit``: google/vit-base-patch16-224-in21k; 197 x 768, prefix 1 (CLS), grid 14x14.
 - ``swin``: microsoft/swin-base-patch4-window7-224; 49 x 1024, prefix 0 (no pooled token), grid 7x7.
-- ``efficientnet_lite0``: efficientnet-lite0-imagenet (offline package); 50 x 1280, prefix 1 (the mean
-  of the grid), grid 7x7.
+- ``efficientnet_lite0``: efficientnet-lite0-imagenet (offline package), run by timm's
+  ``tf_efficientnet_lite0``; 50 x 1280, prefix 1 (the mean of the grid), grid 7x7.
+- ``timm``: any timm model, no default weights (``weights`` is a timm model folder, ``ARCH=FILE`` or
+  a timm model name); prefix = the model's CLS/registers (ViTs) or the grid mean (CNNs), grid from
+  the patch size or stage reduction. See `extract.timm_backbones`.
 
 Text encoders (``list_text_encoders()``): ``bert`` (bert-base-uncased, 768) and ``minilm``
 (all-minilm-l6-v2, the offline all-MiniLM-L6-v2 package, 384).
 
 ``weights`` takes a named offline weights id, a local folder (loaded with ``local_files_only``) or a
-hub id; see `extract.weights`. The patch grid is ``resolution // patch_size`` with the patch size read
-from the model config (never guessed from a token count); the resolution must be a multiple of the
-backbone's stride. The ``preprocessing`` of every image encoder is a PIL resize to resolution x
-resolution (no crop) plus normalisation, see `extract.transforms`.
+hub id; see `extract.weights` (``timm``: see `extract.timm_backbones`). The patch grid is
+``resolution // patch_size`` with the patch size read from the model config (never guessed from a
+token count); the resolution must be a multiple of the backbone's stride. The ``preprocessing`` of
+every image encoder is a PIL resize to resolution x resolution (no crop) plus normalisation, see
+`extract.transforms`.
 
 ``layer`` selects the hidden states to return:
 
@@ -40,121 +44,39 @@ resolution (no crop) plus normalisation, see `extract.transforms`.
   *before* the final LayerNorm, so ``layer=num_layers`` differs from ``-1`` by that LayerNorm (BERT
   has no final norm: there they are equal). Swin: ``k`` is a stage
   (0 = patch embeddings, k = output of stage k before its patch merging), so grid and dim shrink and grow
-  with k. EfficientNet supports only ``-1``.
+  with k. EfficientNet-Lite0 and ``timm``: ``k`` is an entry of timm's ``feature_info``, taken with
+  ``forward_intermediates`` (no norm): a stage of a CNN, a block of a ViT counted from 0 (see
+  `extract.timm_backbones`). EfficientNet-Lite0 at 224 px (grid = resolution / stride):
+
+  ===== ========================= ====== ========= ====
+  k     timm module               stride grid      D
+  ===== ========================= ====== ========= ====
+  0     blocks.0                  2      112x112   16
+  1     blocks.1                  4      56x56     24
+  2     blocks.2                  8      28x28     40
+  3     blocks.4                  16     14x14     112
+  4     blocks.6                  32     7x7       320
+  -1    conv_head + bn2 (head)    32     7x7       1280
+  ===== ========================= ====== ========= ====
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
 
 from cache.errors import InputError
+from extract.encoders import ImageEncoder, TextEncoder, TokenLayout, patch_grid
+from extract.timm_backbones import efficientnet_lite0 as timm_efficientnet_lite0
+from extract.timm_backbones import timm_encoder
 from extract.transforms import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 from extract.weights import (
-    WeightsSource,
-    import_weights_package,
     load_hf_model,
     load_hf_tokenizer,
     resolve_weights,
-    state_dict_hash,
 )
-
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """Token layout of an image encoder's output, as recorded in a feature cache.
-
-    ``num_tokens`` T = ``prefix_tokens`` (CLS, registers, pooled token) + spatial tokens;
-    ``grid`` is the spatial (H, W) grid in raster order after the prefix, None for regions.
-    """
-
-    num_tokens: int
-    dim: int
-    prefix_tokens: int
-    grid: tuple[int, int] | None
-
-    def __post_init__(self) -> None:
-        if self.grid is not None and self.num_tokens != self.prefix_tokens + self.grid[0] * self.grid[1]:
-            raise ValueError(f"inconsistent layout: {self}")
-
-
-class ImageEncoder(nn.Module):
-    """An image backbone wrapped to return tokens ``[B, T, D]``: prefix tokens first, then the grid.
-
-    Attributes: ``name``, ``weights_id``, ``weights_hash``, ``weights_note`` (what the weights really
-    are, "" if the id says it), ``layer``, ``resolution``, ``layout``, ``transform`` (picklable
-    `ImageTransform`) and ``preprocessing`` (its JSON-able description).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        name: str,
-        source: WeightsSource,
-        layer: int,
-        resolution: int,
-        layout: TokenLayout,
-        transform: ImageTransform,
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.name = name
-        self.weights_id = source.weights_id
-        self.weights_hash = state_dict_hash(model)
-        self.weights_note = source.note
-        self.layer = layer
-        self.resolution = resolution
-        self.layout = layout
-        self.transform = transform
-        self.preprocessing = transform.to_dict()
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Tokens ``[B, T, D]`` of normalised pixels ``[B, 3, resolution, resolution]``."""
-        raise NotImplementedError
-
-
-class TextEncoder(nn.Module):
-    """A BERT-style text encoder returning the hidden states of ``layer`` for every token.
-
-    Attributes: ``name``, ``weights_id``, ``weights_hash``, ``weights_note``, ``layer``, ``dim``,
-    ``max_length``, ``tokenizer`` (the transformers tokenizer stored with the weights).
-    """
-
-    def __init__(self, model: nn.Module, tokenizer, *, name: str, source: WeightsSource, layer: int, max_length: int):
-        super().__init__()
-        self.model = model
-        self.tokenizer = tokenizer
-        self.name = name
-        self.weights_id = source.weights_id
-        self.weights_hash = state_dict_hash(model)
-        self.weights_note = source.note
-        self.layer = layer
-        self.dim = model.config.hidden_size
-        self.max_length = max_length
-
-    def tokenize(self, captions: Sequence[str]) -> list[list[int]]:
-        """Token ids with [CLS] ... [SEP], truncated to ``max_length``."""
-        encoded = self.tokenizer(list(captions), truncation=True, max_length=self.max_length, add_special_tokens=True)
-        return encoded["input_ids"]
-
-    def pad_batch(self, token_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-pad token id lists into ``input_ids`` and ``attention_mask`` LongTensors ``[B, L]``."""
-        length = max((len(ids) for ids in token_ids), default=0)
-        input_ids = torch.full((len(token_ids), length), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(token_ids), length), dtype=torch.long)
-        for row, ids in enumerate(token_ids):
-            input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-            attention_mask[row, : len(ids)] = 1
-        return input_ids, attention_mask
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Hidden states ``[B, L, D]`` of ``layer`` (padding positions are not meaningful)."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=self.layer != -1)
-        return out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
 
 
 # ----------------------------------------------------------------------------------------- registry
@@ -223,12 +145,6 @@ def _check_layer(name: str, layer: int, num_layers: int) -> int:
     return layer
 
 
-def _grid(name: str, resolution: int, stride: int) -> tuple[int, int]:
-    if resolution <= 0 or resolution % stride:
-        raise InputError(f"{name}: resolution must be a positive multiple of {stride}, got {resolution}")
-    return resolution // stride, resolution // stride
-
-
 def _patch_size(config) -> int:
     size = config.patch_size
     if isinstance(size, (tuple, list)):
@@ -265,7 +181,7 @@ def dinov2(weights: str = "facebook/dinov2-base", layer: int = -1, resolution: i
     source = resolve_weights(weights)
     model = load_hf_model(source, {"dinov2": Dinov2Model, "dinov2_with_registers": Dinov2WithRegistersModel})
     config = model.config
-    grid = _grid("dinov2", resolution, _patch_size(config))
+    grid = patch_grid("dinov2", resolution, _patch_size(config))
     prefix = 1 + getattr(config, "num_register_tokens", 0)
     return _ViTTokens(
         model,
@@ -287,7 +203,7 @@ def vit(weights: str = "google/vit-base-patch16-224-in21k", layer: int = -1, res
     source = resolve_weights(weights)
     model = load_hf_model(source, {"vit": ViTModel}, add_pooling_layer=False)
     config = model.config
-    grid = _grid("vit", resolution, _patch_size(config))
+    grid = patch_grid("vit", resolution, _patch_size(config))
     return _ViTTokens(
         model,
         forward_kwargs={"interpolate_pos_encoding": resolution != config.image_size},
@@ -327,7 +243,7 @@ def swin(
     layer = _check_layer("swin", layer, stages)
     stage = stages if layer == -1 else max(layer, 1)  # the stem (layer 0) has stage 1's grid and dim
     patch = _patch_size(config)
-    _grid("swin", resolution, patch * 2 ** (stages - 1))  # every stage's grid must divide evenly
+    patch_grid("swin", resolution, patch * 2 ** (stages - 1))  # every stage's grid must divide evenly
     side = resolution // (patch * 2 ** (stage - 1))
     grid = (side, side)
     return _SwinTokens(
@@ -341,58 +257,31 @@ def swin(
     )
 
 
-# -------------------------------------------------------------------------------------- EfficientNet
-
-
-class _EfficientNetTokens(ImageEncoder):
-    """EfficientNet-Lite head feature map: pooled mean token, then the grid in raster order."""
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        patches = self.model.extract_features(pixels).flatten(2).transpose(1, 2)
-        return torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1)
+# ------------------------------------------------------------------------------------------ timm
 
 
 @register_image_encoder("efficientnet_lite0")
 def efficientnet_lite0(
     weights: str = "efficientnet-lite0-imagenet", layer: int = -1, resolution: int = 224
 ) -> ImageEncoder:
-    """EfficientNet-Lite0 (package efficientnet-lite-pytorch): mean token + grid of 1280; inputs in [-1, 1].
+    """EfficientNet-Lite0 run by timm: mean token + grid of 1280 (head) or of stage ``layer``.
 
-    ``weights`` is a state-dict file (``.pth``) or the named id of the packaged ImageNet weights.
+    ``weights`` is a state-dict file (``.pth``) in the layout of the package
+    efficientnet-lite-pytorch or the named id of the packaged ImageNet weights; inputs in [-1, 1],
+    bicubic resize.
     """
-    if layer != -1:
-        raise InputError(f"efficientnet_lite0: only layer=-1 (the head feature map) is supported, got {layer}")
-    package = import_weights_package("efficientnet_lite_pytorch", "efficientnet-lite-pytorch")
-    source = resolve_weights(weights)
-    _grid("efficientnet_lite0", resolution, 32)
-    model = package.EfficientNet.from_name("efficientnet-lite0", image_size=resolution)
-    try:
-        model.load_state_dict(_load_state_file(source), strict=True)
-    except RuntimeError as err:
-        raise InputError(f"weights {source.weights_id}: not an EfficientNet-Lite0 state dict: {err}") from err
-    grid = tuple(model.feature_output_image_size)
-    dim = model._bn1.num_features
-    return _EfficientNetTokens(
-        model,
-        name="efficientnet_lite0",
-        source=source,
-        layer=layer,
-        resolution=resolution,
-        layout=TokenLayout(1 + grid[0] * grid[1], dim, 1, grid),
-        transform=ImageTransform((resolution, resolution), "bicubic", HALF_MEAN, HALF_STD),
-    )
+    return timm_efficientnet_lite0(weights, layer, resolution)
 
 
-def _load_state_file(source: WeightsSource) -> dict[str, torch.Tensor]:
-    if not source.local or not source.location.endswith((".pth", ".pt", ".bin")):
-        raise InputError(f"weights {source.weights_id}: expected a state-dict file (.pth) on disk")
-    try:
-        state = torch.load(source.location, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as err:
-        raise InputError(f"weights {source.location}: cannot read the state dict: {err}") from err
-    if not isinstance(state, dict):
-        raise InputError(f"weights {source.location}: not a state dict")
-    return state
+@register_image_encoder("timm")
+def timm_model(
+    weights: str | None = None, layer: int = -1, resolution: int | None = None
+) -> ImageEncoder:
+    """Any timm model: ``weights`` is a timm model folder, ``ARCH=FILE`` or a timm model name.
+
+    ``resolution`` defaults to the model's input size; preprocessing follows its data config.
+    """
+    return timm_encoder(weights, layer, resolution)
 
 
 # ---------------------------------------------------------------------------------------------- text

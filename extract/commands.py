@@ -41,10 +41,13 @@ def _report(reports: list[FileReport], out: Path, dataset: str, shard: Shard,
 
 
 @click.command()
-@click.option("--backbone", help="Image encoder (dinov2, vit, swin, efficientnet_lite0).")
-@click.option("--weights", help="Image weights: named offline id, local folder/file or hub id.")
+@click.option("--backbone", help="Image encoder (dinov2, vit, swin, efficientnet_lite0, timm).")
+@click.option("--weights", help="Image weights: named offline id, local folder/file or hub id. "
+                                "timm: a timm model folder (config.json naming the architecture), "
+                                "ARCH=FILE (a timm name and a state-dict file) or a timm name.")
 @click.option("--layer", type=int, default=-1, show_default=True,
-              help="Image encoder layer (-1 = final output).")
+              help="Image encoder layer (-1 = final output; efficientnet_lite0, timm: "
+                   "K = entry K of timm's feature_info, a stage or a ViT block from 0).")
 @click.option("--resolution", type=int, help="Input resolution in pixels (default: the encoder's).")
 @click.option("--text-encoder", help="Text encoder (bert, minilm).")
 @click.option("--text-weights", help="Text weights: named offline id, local folder or hub id.")

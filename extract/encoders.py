@@ -1,0 +1,118 @@
+"""What every backbone wrapper is: the token layout it writes, and the image / text encoder
+interfaces that the extraction runner drives (`extract.backbones` registers the backbones)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from cache.errors import InputError
+from extract.transforms import ImageTransform
+from extract.weights import WeightsSource, state_dict_hash
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Token layout of an image encoder's output, as recorded in a feature cache.
+
+    ``num_tokens`` T = ``prefix_tokens`` (CLS, registers, pooled token) + spatial tokens;
+    ``grid`` is the spatial (H, W) grid in raster order after the prefix, None for regions.
+    """
+
+    num_tokens: int
+    dim: int
+    prefix_tokens: int
+    grid: tuple[int, int] | None
+
+    def __post_init__(self) -> None:
+        if self.grid is not None and self.num_tokens != self.prefix_tokens + self.grid[0] * self.grid[1]:
+            raise ValueError(f"inconsistent layout: {self}")
+
+
+class ImageEncoder(nn.Module):
+    """An image backbone wrapped to return tokens ``[B, T, D]``: prefix tokens first, then the grid.
+
+    Attributes: ``name``, ``weights_id``, ``weights_hash``, ``weights_note`` (what the weights really
+    are, "" if the id says it), ``layer``, ``resolution``, ``layout``, ``transform`` (picklable
+    `ImageTransform`) and ``preprocessing`` (its JSON-able description). ``weights_hash``
+    defaults to the model's `state_dict_hash`; pass it where the weights were hashed as loaded.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        name: str,
+        source: WeightsSource,
+        layer: int,
+        resolution: int,
+        layout: TokenLayout,
+        transform: ImageTransform,
+        weights_hash: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.weights_id = source.weights_id
+        self.weights_hash = state_dict_hash(model) if weights_hash is None else weights_hash
+        self.weights_note = source.note
+        self.layer = layer
+        self.resolution = resolution
+        self.layout = layout
+        self.transform = transform
+        self.preprocessing = transform.to_dict()
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Tokens ``[B, T, D]`` of normalised pixels ``[B, 3, resolution, resolution]``."""
+        raise NotImplementedError
+
+
+class TextEncoder(nn.Module):
+    """A BERT-style text encoder returning the hidden states of ``layer`` for every token.
+
+    Attributes: ``name``, ``weights_id``, ``weights_hash``, ``weights_note``, ``layer``, ``dim``,
+    ``max_length``, ``tokenizer`` (the transformers tokenizer stored with the weights).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, *, name: str, source: WeightsSource, layer: int, max_length: int):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.weights_id = source.weights_id
+        self.weights_hash = state_dict_hash(model)
+        self.weights_note = source.note
+        self.layer = layer
+        self.dim = model.config.hidden_size
+        self.max_length = max_length
+
+    def tokenize(self, captions: Sequence[str]) -> list[list[int]]:
+        """Token ids with [CLS] ... [SEP], truncated to ``max_length``."""
+        encoded = self.tokenizer(list(captions), truncation=True, max_length=self.max_length, add_special_tokens=True)
+        return encoded["input_ids"]
+
+    def pad_batch(self, token_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad token id lists into ``input_ids`` and ``attention_mask`` LongTensors ``[B, L]``."""
+        length = max((len(ids) for ids in token_ids), default=0)
+        input_ids = torch.full((len(token_ids), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(token_ids), length), dtype=torch.long)
+        for row, ids in enumerate(token_ids):
+            input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        return input_ids, attention_mask
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``[B, L, D]`` of ``layer`` (padding positions are not meaningful)."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=self.layer != -1)
+        return out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
+
+
+def patch_grid(name: str, resolution: int, stride: int) -> tuple[int, int]:
+    """The (H, W) grid of a square input at ``resolution`` with this ``stride`` (InputError if it
+    does not divide)."""
+    if resolution <= 0 or resolution % stride:
+        raise InputError(f"{name}: resolution must be a positive multiple of {stride}, got {resolution}")
+    return resolution // stride, resolution // stride
