@@ -177,13 +177,14 @@ def _gather(table: np.ndarray | Tensor, starts: np.ndarray, order: np.ndarray,
     return TokenBatch(out_t.masked_fill_(~mask_t.unsqueeze(-1), 0), mask_t)
 
 
-# ------------------------------------------------------------------------------ token sources
+# ------------------------------------------------------------------------------ token tables
 #
-# A source returns, for the rows of a batch, a token table ``[M, D]`` and the table row where each
-# batch row's tokens start; ``_gather`` then copies the kept positions in one go.
+# A table reader returns, for the rows of a batch, a token table ``[M, D]`` and the table row where
+# each batch row's tokens start; ``_gather`` then copies the kept positions in one go. (Not to be
+# confused with the token sources of ``heads.sources``, which act on the gathered batches.)
 
 
-class CacheSource:
+class MemmapTable:
     """Reads each batch through the memmap readers: sorted unique rows, nothing kept in memory."""
 
     def __init__(self, images: ImageCache, texts: TextCache) -> None:
@@ -202,7 +203,7 @@ class CacheSource:
         return tokens.reshape(-1, tokens.shape[2]), slot * tokens.shape[1]
 
 
-class ArraySource:
+class PreloadedTable:
     """A split held whole in RAM (NumPy) or on a device (torch): batches index it directly."""
 
     def __init__(self, images: ImageCache, texts: TextCache, device: torch.device | None = None) -> None:
@@ -278,9 +279,9 @@ class PairBatches(torch.utils.data.Dataset):
         self.image_drop = TokenDrop(image_drop, images.attrs.prefix_tokens, images.attrs.suffix_tokens)
         self.text_drop = TokenDrop(text_drop, texts.attrs.prefix_tokens, texts.attrs.suffix_tokens)
         if preload == "none":
-            self.source: CacheSource | ArraySource = CacheSource(images, texts)
+            self.table: MemmapTable | PreloadedTable = MemmapTable(images, texts)
         elif preload in ("ram", "device"):
-            self.source = ArraySource(images, texts, device if preload == "device" else None)
+            self.table = PreloadedTable(images, texts, device if preload == "device" else None)
         else:
             raise InputError(f"preload must be none, ram or device here, got {preload!r}")
         self.on_device = preload == "device"
@@ -302,8 +303,8 @@ class PairBatches(torch.utils.data.Dataset):
             image_lengths, (*keys, _SIDE["image"], rows), int(image_lengths.max(initial=1)))
         txt_order, txt_len = self.text_drop.keep_order(
             text_lengths, (*keys, _SIDE["text"], rows), int(text_lengths.max(initial=1)))
-        images = _gather(*self.source.images(image_rows), img_order, img_len, self.dtype)
-        texts = _gather(*self.source.texts(rows), txt_order, txt_len, self.dtype)
+        images = _gather(*self.table.images(image_rows), img_order, img_len, self.dtype)
+        texts = _gather(*self.table.texts(rows), txt_order, txt_len, self.dtype)
         return images, texts, torch.from_numpy(image_rows)
 
 

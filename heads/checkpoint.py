@@ -4,6 +4,11 @@ A checkpoint is a dict saved with ``torch.save`` holding only tensors, numbers, 
 dicts (it loads with ``weights_only=True``): the head (name, options, state), its FeatureSpecs and
 the identity of the caches it was trained on, the loss, optimiser and schedule states, the RNG
 states of every rank, the position (epoch, step), the best dev score and the resolved config.
+
+Format 2 adds ``sources``: ``{side: state dict}`` of each tuned token source (``heads.sources``;
+empty when both sides read the cache), beside the head's state under ``model`` (its names
+unchanged). The kind of each side's source is the config's ``data.<side>_source``. Format 1 files
+(written before token sources existed: every side reads the cache) load as they are.
 """
 from __future__ import annotations
 
@@ -20,8 +25,10 @@ from cache.store import CacheAttrs
 from heads.registry import build_head
 from heads.base import FeatureSpec, Head
 from heads.config import longest_prefix
+from heads.sources import SIDES, RetrievalModel, build_source
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 REQUIRED = ("format", "head_name", "head_options", "image_spec", "text_spec", "features", "model",
             "config", "epoch", "step")
 
@@ -70,9 +77,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
     if missing:
         raise InputError(f"{path}: not a checkpoint of this toolkit (missing {missing})")
-    if state["format"] != FORMAT_VERSION:
+    if state["format"] not in READABLE_FORMATS:
         raise InputError(f"{path}: checkpoint format {state['format']}, this tool reads "
-                         f"{FORMAT_VERSION}")
+                         f"{', '.join(map(str, READABLE_FORMATS))}")
     state["path"] = str(path)
     return state
 
@@ -98,6 +105,26 @@ def head_from_checkpoint(state: dict[str, Any], image_cache: Any = None,
         raise InputError(f"{source}: the weights do not fit head {state['head_name']!r} "
                          f"({str(exc).splitlines()[0]})") from exc
     return head
+
+
+def source_kinds(state: dict[str, Any]) -> dict[str, str]:
+    """``{side: source kind}`` of a checkpoint's run (``cache`` where its config predates them)."""
+    data = state["config"]["data"]
+    return {side: data.get(f"{side}_source", "cache") for side in SIDES}
+
+
+def model_from_checkpoint(state: dict[str, Any], image_cache: Any,
+                          text_cache: Any) -> RetrievalModel:
+    """The head of a checkpoint behind its token sources, for ``image_cache`` / ``text_cache``
+    (checked against the run's caches): a tail is rebuilt from the backbone of its cache (the same
+    weights, by hash) and gets the run's tuned weights. On the CPU."""
+    head = head_from_checkpoint(state, image_cache, text_cache)
+    caches = {"image": image_cache, "text": text_cache}
+    sources = {f"{side}_source": build_source(kind, caches[side])
+               for side, kind in source_kinds(state).items()}
+    model = RetrievalModel(head, **sources)
+    model.load_tuned_states(state.get("sources", {}), state.get("path", "checkpoint"))
+    return model
 
 
 def _renamed(name: str, rename: dict[str, str]) -> str:

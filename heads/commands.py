@@ -17,9 +17,10 @@ import torch
 from cache.device import resolve_device
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
-from heads.checkpoint import head_from_checkpoint, load_checkpoint
+from heads.checkpoint import load_checkpoint, model_from_checkpoint
 from heads.config import (cache_paths, config_without_file, flatten, load_config,
                           parse_override)
+from heads.sources import RetrievalModel
 
 # ----------------------------------------------------------------------------------- train-head
 
@@ -176,9 +177,9 @@ def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str 
     state = load_checkpoint(checkpoint)
     image_cache, text_cache, split = open_eval_caches(state, split, images, texts)
     torch_device = resolve_device(device)
-    head = head_from_checkpoint(state, image_cache, text_cache).to(torch_device)
+    model = model_from_checkpoint(state, image_cache, text_cache).to(torch_device)
     eval_cfg = state["config"]["eval"]
-    run = EvalRun(checkpoint=checkpoint, state=state, head=head, image_cache=image_cache,
+    run = EvalRun(checkpoint=checkpoint, state=state, model=model, image_cache=image_cache,
                   text_cache=text_cache, split=split, device=torch_device,
                   protocol=protocol or eval_cfg["protocol"],
                   batch_size=batch_size or eval_cfg["batch_size"], json_out=json_out,
@@ -194,17 +195,18 @@ def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str 
                    "--fuse-weight": fuse_weight},
                   "only apply to two-stage retrieval; add --rerank-topk K")
     if fine_mode is not None:
-        head.set_mode(fine_mode)
+        model.set_mode(fine_mode)
     run_full(run, save_sims, max_images)
 
 
 @dataclass(frozen=True)
 class EvalRun:
-    """What one ``cli eval`` call evaluates: a checkpoint's head, the caches, where and how."""
+    """What one ``cli eval`` call evaluates: a checkpoint's model (its head behind its token
+    sources, a tuned tail included), the caches, where and how."""
 
     checkpoint: str
     state: dict[str, Any]
-    head: Any
+    model: RetrievalModel
     image_cache: ImageCache
     text_cache: TextCache
     split: str
@@ -247,7 +249,7 @@ def run_full(run: EvalRun, save_sims: str | None, max_images: int | None) -> Non
     """``cli eval``: score every pair of the protocol's galleries, print the table, write JSON."""
     from heads.eval.evaluate import evaluate
 
-    result = evaluate(run.head, run.image_cache, run.text_cache, protocol=run.protocol,
+    result = evaluate(run.model, run.image_cache, run.text_cache, protocol=run.protocol,
                       device=run.device, batch_size=run.batch_size, save_sims=save_sims,
                       max_images=max_images, progress=True, **run.blocks)
     gallery = f", gallery of its first {max_images} images" if max_images else ""
@@ -265,11 +267,11 @@ def run_two_stage(run: EvalRun, request: TwoStageRequest) -> None:
     from heads.eval.evaluate import two_stage
     from heads.eval.rerank import parse_topk
 
-    coarse = run.head
+    coarse = run.model
     if request.coarse_checkpoint is not None:
-        coarse = head_from_checkpoint(load_checkpoint(request.coarse_checkpoint), run.image_cache,
-                                      run.text_cache).to(run.device)
-    result = two_stage(coarse, run.head, run.image_cache, run.text_cache,
+        coarse = model_from_checkpoint(load_checkpoint(request.coarse_checkpoint), run.image_cache,
+                                       run.text_cache).to(run.device)
+    result = two_stage(coarse, run.model, run.image_cache, run.text_cache,
                        parse_topk(request.topk), device=run.device, protocol=run.protocol,
                        coarse_mode=request.coarse_mode, fine_mode=request.fine_mode,
                        fuse_weight=request.fuse_weight, batch_size=run.batch_size,

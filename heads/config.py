@@ -14,6 +14,12 @@ is a float accept such strings as numbers.
 
 Feature caches live at ``<data.features>/<data.dataset>/<split>/<modality>-<tag>.h5`` with the tags
 ``data.image`` / ``data.text``; relative paths are relative to the working directory.
+
+``data.image_source`` / ``data.text_source`` (``heads.sources``): ``cache`` reads the cached tokens;
+``tail`` runs a layer-K cache through the backbone's blocks after K, trained with the head. A tail
+side's parameters are named ``<side>_source.*`` in ``optim.lr_mult``; without an entry for that
+prefix it gets ``TAIL_LR_MULT`` (x0.1, the references' BERT / ViT multiplier), written into the
+resolved config.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import yaml
 from cache.errors import InputError
 from cache.store import default_cache_path
 from heads.registry import head_options
+from heads.sources import SIDES, SOURCE_KINDS
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {
@@ -41,6 +48,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "image_token_drop": 0.2,      # VSE∞ region drop; prefix tokens (CLS) never dropped
         "text_token_drop": 0.1,       # feature-level substitute for word deletion; [CLS]/[SEP] kept
         "num_workers": 0,             # DataLoader workers (each reopens the memmaps)
+        "image_source": "cache",      # cache | tail: the cached tokens, or a layer-K cache through
+        "text_source": "cache",       # the backbone's blocks after K, tuned with the head
     },
     "head": {"name": None},           # + the head's constructor options
     "loss": {"name": "hinge"},        # + the loss's options (heads.losses.loss_options)
@@ -89,6 +98,9 @@ PRELOAD = ("none", "ram", "device", "auto")
 PROTOCOLS = ("full", "coco5k", "coco1k")
 OPTIMIZERS = ("adamw", "adam")
 DDP_GATHER = ("auto", "encodings", "inputs")
+TAIL_LR_MULT = 0.1
+"""lr multiplier of a tuned side's backbone blocks unless ``optim.lr_mult.<side>_source`` says
+otherwise: the references' BERT and ViT multiplier (x0.1 of the head's lr)."""
 
 
 def longest_prefix(name: str, prefixes: Iterable[str]) -> str | None:
@@ -295,6 +307,11 @@ def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
     _check_choice(out, "eval", "protocol", PROTOCOLS, source)
     _check_choice(out, "optim", "name", OPTIMIZERS, source)
     _check_choice(out, "run", "ddp_gather", DDP_GATHER, source)
+    for side in SIDES:
+        _check_choice(out, "data", f"{side}_source", SOURCE_KINDS, source)
+        if out["data"][f"{side}_source"] != "cache":
+            out["optim"]["lr_mult"] = out["optim"]["lr_mult"] or {}
+            out["optim"]["lr_mult"].setdefault(f"{side}_source", TAIL_LR_MULT)
     for key in ("image_token_drop", "text_token_drop"):
         if not 0.0 <= out["data"][key] < 1.0:
             raise InputError(f"{source}: 'data.{key}' must be in [0, 1), got {out['data'][key]}")

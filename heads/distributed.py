@@ -3,8 +3,10 @@
 ``optim.batch_size`` is the global batch; each rank takes a slice of it (``cache.datasets``), and
 ``LossModule`` (the module DDP wraps) lets the head's loss see the whole global batch, either by
 all-gathering the encodings with gradient (the head's compute is split over the ranks) or by
-all-gathering the cached inputs (any head; every rank computes the global batch). Either way the
-gradient DDP averages equals the one-process gradient of the global batch.
+all-gathering the head's input token batches (any head; every rank computes the global batch).
+Either way the gradient DDP averages equals the one-process gradient of the global batch. The token
+sources (``heads.sources``: a tuned backbone tail) run first, on each rank's own rows, before
+anything is gathered; what they output is gathered with its gradient.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from cache.batch import TokenBatch
 from cache.device import resolve_device
 from cache.errors import InputError
 from heads.base import Encoded, Head, Progress
+from heads.sources import RetrievalModel
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ def gathered_encodings(head: Head) -> Iterator[None]:
 
 
 def all_gather_batch(batch: TokenBatch) -> TokenBatch:
-    """The token batch of the global batch (no gradient: cached inputs)."""
+    """The token batch of the global batch (with gradient: tokens of a tuned source)."""
     return TokenBatch(all_gather_tensor(batch.tokens), all_gather_tensor(batch.mask))
 
 
@@ -119,10 +122,11 @@ def gather_mode(head: Head, mode: str) -> str:
 
     "encodings": each rank encodes its own rows and the encodings are all-gathered with gradient
     (the head's compute is split over the ranks); valid when ``training_loss`` derives every
-    batch-wide quantity from ``encode_images`` / ``encode_texts``. "inputs": the cached token batches
-    are all-gathered and every rank computes the loss of the global batch (valid for any head, the
-    head's compute is not split). "auto": "encodings" for heads that keep the base
-    ``training_loss`` or declare ``loss_from_encodings = True``, otherwise "inputs"."""
+    batch-wide quantity from ``encode_images`` / ``encode_texts``. "inputs": the head's
+    token batches (the sources' outputs) are all-gathered and every rank computes the loss of the
+    global batch (valid for any head; the head's compute is not split, the sources' still is).
+    "auto": "encodings" for heads that keep the base ``training_loss`` or declare
+    ``loss_from_encodings = True``, otherwise "inputs"."""
     if mode not in GATHER_MODES:
         raise InputError(f"run.ddp_gather must be one of {GATHER_MODES}, got {mode!r}")
     if mode != "auto":
@@ -132,22 +136,25 @@ def gather_mode(head: Head, mode: str) -> str:
 
 
 class LossModule(nn.Module):
-    """The module DDP wraps: the head and the loss (whose temperature may be learnable);
-    ``forward`` returns the head's ``training_loss`` of the global batch (see ``gather_mode``)."""
+    """The module DDP wraps: the model (head and token sources) and the loss (whose temperature
+    may be learnable); ``forward`` runs this rank's rows through the sources and returns the head's
+    ``training_loss`` of the global batch (see ``gather_mode``)."""
 
-    def __init__(self, head: Head, criterion: nn.Module, world_size: int = 1,
+    def __init__(self, model: RetrievalModel, criterion: nn.Module, world_size: int = 1,
                  gather: str = "encodings") -> None:
         super().__init__()
-        self.head, self.criterion = head, criterion
+        self.model, self.criterion = model, criterion
         self.world_size, self.gather = world_size, gather
 
     def forward(self, images: TokenBatch, texts: TokenBatch, image_ids: Tensor,
                 progress: Progress) -> tuple[Tensor, dict[str, Any]]:
+        head = self.model.head
+        images, texts = self.model.image_source(images), self.model.text_source(texts)
         if self.world_size == 1:
-            return self.head.training_loss(images, texts, image_ids, self.criterion, progress)
+            return head.training_loss(images, texts, image_ids, self.criterion, progress)
         image_ids = all_gather_tensor(image_ids)
         if self.gather == "inputs":
-            return self.head.training_loss(all_gather_batch(images), all_gather_batch(texts),
-                                           image_ids, self.criterion, progress)
-        with gathered_encodings(self.head):
-            return self.head.training_loss(images, texts, image_ids, self.criterion, progress)
+            return head.training_loss(all_gather_batch(images), all_gather_batch(texts),
+                                      image_ids, self.criterion, progress)
+        with gathered_encodings(head):
+            return head.training_loss(images, texts, image_ids, self.criterion, progress)

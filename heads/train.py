@@ -3,6 +3,11 @@
 ``train(config, out_dir)`` runs a resolved config (``heads.config.load_config``):
 
 * caption-indexed batches from the train caches (``cache.datasets``), feature-level token drop;
+* per side a token source (``heads.sources``, ``data.image_source`` / ``data.text_source``):
+  ``cache`` feeds the cached tokens to the head, ``tail`` runs a layer-K cache through the
+  backbone's blocks after K, rebuilt from the cache's weights (checked by hash) before the seed is
+  set, and trains them with the head (token drop off on that side); the head and the sources form
+  one ``RetrievalModel`` that the loss module, dev evaluation and checkpoints receive;
 * AdamW (or Adam) with parameter groups whose lr is multiplied per parameter-name prefix
   (``optim.lr_mult``), step decay by ``gamma`` at the ``milestones`` (epochs, 0-based) and an
   optional linear warm-up over the first ``warmup_steps`` steps; gradient-norm clipping;
@@ -43,13 +48,14 @@ from cache.errors import InputError
 from cache.progress import progress_bar
 from cache.store import ImageCache, TextCache
 from heads.registry import build_head
-from heads.base import FeatureSpec, Head, Progress
+from heads.base import FeatureSpec, Progress
 from heads.checkpoint import (FORMAT_VERSION, check_features, feature_identity, load_checkpoint,
                               load_pretrained_parts, rng_state, save_checkpoint,
                               set_rng_state, warm_start)
 from heads.config import cache_paths, longest_prefix, save_config
 from heads.distributed import Dist, LossModule, gather_mode, init_distributed
 from heads.losses import build_loss
+from heads.sources import SIDES, RetrievalModel, Retriever, TokenSource, build_source
 
 LAST, BEST, LOG, CONFIG = "last.pt", "best.pt", "log.jsonl", "config.yaml"
 
@@ -61,12 +67,13 @@ class NonFiniteLossError(RuntimeError):
 # ------------------------------------------------------------------------------------- optimiser
 
 
-def param_groups(head: nn.Module, criterion: nn.Module, lr: float, weight_decay: float,
+def param_groups(model: RetrievalModel, criterion: nn.Module, lr: float, weight_decay: float,
                  lr_mult: dict[str, float]) -> list[dict[str, Any]]:
     """Parameter groups: the lr of a parameter is ``lr`` times the multiplier of the longest
-    ``lr_mult`` prefix of its name (head parameters by name, the loss's as ``loss.<name>``); loss
+    ``lr_mult`` prefix of its name (head parameters by name, a tuned source's as
+    ``image_source.<name>`` / ``text_source.<name>``, the loss's as ``loss.<name>``); loss
     parameters (a temperature) get no weight decay. A prefix that matches nothing is an error."""
-    named = [(n, p, weight_decay) for n, p in head.named_parameters() if p.requires_grad]
+    named = [(n, p, weight_decay) for n, p in model.named_trainable()]
     named += [(f"loss.{n}", p, 0.0) for n, p in criterion.named_parameters() if p.requires_grad]
     used: set[str] = set()
     groups: dict[tuple[float, float], dict[str, Any]] = {}
@@ -122,11 +129,12 @@ def _note(message: str, dist_info: Dist) -> None:
 # ------------------------------------------------------------------------------------- dev eval
 
 
-def evaluate_split(head: Head, images: ImageCache, texts: TextCache, eval_cfg: dict[str, Any],
+def evaluate_split(head: Retriever, images: ImageCache, texts: TextCache, eval_cfg: dict[str, Any],
                    device: torch.device, protocol: str | None = None) -> dict[str, Any]:
-    """Metrics of ``head`` on one split through ``heads.eval.evaluate.evaluate`` (eval mode, no grad);
-    ``eval.dev_images`` limits the gallery to the split's first images (cheaper model selection
-    for interaction heads, whose cost grows with images x captions)."""
+    """Metrics of ``head`` (a model or a bare head) on one split through
+    ``heads.eval.evaluate.evaluate`` (eval mode, no grad); ``eval.dev_images`` limits the gallery
+    to the split's first images (cheaper model selection for interaction heads, whose cost grows
+    with images x captions)."""
     from heads.eval.evaluate import evaluate
 
     options = {k: eval_cfg[k] for k in ("batch_size", "image_block", "caption_block")
@@ -203,8 +211,9 @@ class Trainer:
                              "continue it or choose another --out")
         state = load_checkpoint(last) if resume else None
         self._open_caches(state)
+        sources = self._build_sources()
         _seed_everything(config["run"]["seed"])
-        self._build_model()
+        self._build_model(sources)
         self._build_data()
         self.epoch, self.step, self.best_rsum, self.best_epoch = 0, 0, -math.inf, -1
         if self.dist.rank > 0:
@@ -239,17 +248,25 @@ class Trainer:
                 check_features(state["features"][side], train_cache,
                                f"the checkpoint {self.out_dir / LAST}")
 
-    def _build_model(self) -> None:
-        """Head (checked against the caches' FeatureSpecs), loss, optimiser groups."""
+    def _build_sources(self) -> dict[str, TokenSource]:
+        """Each side's token source, built for its train cache (a tail loads its backbone)."""
+        data = self.config["data"]
+        return {f"{side}_source": build_source(data[f"{side}_source"], cache)
+                for side, cache in zip(SIDES, (self.train_images, self.train_texts))}
+
+    def _build_model(self, sources: dict[str, TokenSource]) -> None:
+        """Head (checked against the caches' FeatureSpecs) behind the sources, loss, optimiser
+        groups."""
         config, optim = self.config, self.config["optim"]
         self.head_options = {k: v for k, v in config["head"].items() if k != "name"}
         self.head = build_head(config["head"]["name"], FeatureSpec.from_cache(self.train_images),
                                FeatureSpec.from_cache(self.train_texts), **self.head_options)
+        self.model = RetrievalModel(self.head, **sources)
         self.criterion = build_loss(config["loss"]["name"],
                                     **{k: v for k, v in config["loss"].items() if k != "name"})
-        self.head.to(self.dist.device)
+        self.model.to(self.dist.device)
         self.criterion.to(self.dist.device)
-        groups = param_groups(self.head, self.criterion, optim["lr"], optim["weight_decay"],
+        groups = param_groups(self.model, self.criterion, optim["lr"], optim["weight_decay"],
                               optim["lr_mult"] or {})
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = make_optimizer(groups, optim)
@@ -257,16 +274,21 @@ class Trainer:
     def _build_data(self) -> None:
         """Pair dataset (token drop, preload), per-rank sampler, loader and the lr schedule."""
         data, optim, seed = self.config["data"], self.config["optim"], self.config["run"]["seed"]
-        image_drop = data["image_token_drop"]
-        if image_drop > 0 and self.head.requires_grid:
+        drop = {side: data[f"{side}_token_drop"] for side in SIDES}
+        if drop["image"] > 0 and self.head.requires_grid:
             _note(f"note: head {self.head.name!r} needs the full patch grid; image token drop "
-                  f"{image_drop} is turned off", self.dist)
-            image_drop = 0.0
+                  f"{drop['image']} is turned off", self.dist)
+            drop["image"] = 0.0
+        for side in self.model.tuned_sides():
+            if drop[side] > 0:
+                _note(f"note: the {side} side runs a tail over all of its tokens; {side} token "
+                      f"drop {drop[side]} is turned off", self.dist)
+                drop[side] = 0.0
         preload, why = resolve_preload(data["preload"], self.train_images, self.train_texts,
                                        self.dist.device)
         _note(why, self.dist)
         self.dataset = PairBatches(self.train_images, self.train_texts, seed=seed,
-                                   image_drop=image_drop, text_drop=data["text_token_drop"],
+                                   image_drop=drop["image"], text_drop=drop["text"],
                                    preload=preload, device=self.dist.device,
                                    float32=self.dist.device.type == "cpu")
         self.sampler = EpochBatches(len(self.train_texts), optim["batch_size"], seed,
@@ -281,7 +303,7 @@ class Trainer:
     def _wrap(self) -> nn.Module:
         """The loss module, under DDP when there are several processes."""
         run = self.config["run"]
-        module: nn.Module = LossModule(self.head, self.criterion, self.dist.world_size,
+        module: nn.Module = LossModule(self.model, self.criterion, self.dist.world_size,
                                        gather_mode(self.head, run["ddp_gather"]))
         if self.dist.world_size == 1:
             return module
@@ -295,7 +317,9 @@ class Trainer:
     # -------------------------------------------------------------------------------- state
 
     def _restore(self, state: dict[str, Any]) -> None:
-        """Continue from a checkpoint of this run (the head/loss/optimiser must still fit it)."""
+        """Continue from a checkpoint of this run (the head/sources/loss/optimiser must still fit
+        it)."""
+        self.model.load_tuned_states(state.get("sources", {}), state["path"])
         try:
             self.head.load_state_dict(state["model"])
             self.criterion.load_state_dict(state["criterion"])
@@ -329,6 +353,7 @@ class Trainer:
             "features": {"image": feature_identity(self.train_images),
                          "text": feature_identity(self.train_texts)},
             "model": self.head.state_dict(),
+            "sources": self.model.tuned_states(),
             "criterion": self.criterion.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -361,7 +386,7 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the captions; returns the mean loss and scalars of the epoch."""
-        self.head.train()
+        self.model.train()
         self.criterion.train()
         self.sampler.set_epoch(epoch)
         device, log_every = self.dist.device, self.config["run"]["log_every"]
@@ -426,7 +451,7 @@ class Trainer:
         start = time.perf_counter()
         metrics: dict[str, Any] = {}
         if self.dist.is_main:
-            metrics = evaluate_split(self.head, self.dev_images, self.dev_texts,
+            metrics = evaluate_split(self.model, self.dev_images, self.dev_texts,
                                      self.config["eval"], self.dist.device)["metrics"]
         eval_seconds = time.perf_counter() - start
         rngs = self._all_rng_states()

@@ -20,7 +20,8 @@ from torch import Tensor
 from cache.datasets import check_pairing
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
-from heads.base import Encoded, Head, index_encoded, num_items
+from heads.base import Encoded, index_encoded, num_items
+from heads.sources import Retriever
 from heads.eval.metrics import (Subset, fold_indices, local_caption_image, mean_metrics,
                            protocol_subsets, recall_metrics)
 from heads.eval.rerank import FineScorer, rerank
@@ -29,7 +30,7 @@ from heads.eval.scoring import (DEFAULT_CAPTION_BLOCK, DEFAULT_IMAGE_BLOCK, DEFA
 
 
 @contextlib.contextmanager
-def _mode(head: Head, mode: str | None) -> Iterator[Head]:
+def _mode(head: Retriever, mode: str | None) -> Iterator[Retriever]:
     """Run with ``mode`` set (when given), restoring the head's previous mode afterwards."""
     previous = head.mode
     if mode is not None:
@@ -54,9 +55,10 @@ def _timed(seconds: dict[str, float], stage: str, device: torch.device, start: f
     return now
 
 
-def evaluate(head: Head, image_cache: ImageCache, text_cache: TextCache, protocol: str = "full",
-             device: torch.device | str = "cpu", image_block: int = DEFAULT_IMAGE_BLOCK,
-             caption_block: int = DEFAULT_CAPTION_BLOCK, batch_size: int = 256,
+def evaluate(head: Retriever, image_cache: ImageCache, text_cache: TextCache,
+             protocol: str = "full", device: torch.device | str = "cpu",
+             image_block: int = DEFAULT_IMAGE_BLOCK, caption_block: int = DEFAULT_CAPTION_BLOCK,
+             batch_size: int = 256,
              save_sims: str | Path | None = None, progress: bool = False,
              max_images: int | None = None) -> dict[str, Any]:
     """Score every pair of each gallery of ``protocol`` with the head's active branch.
@@ -109,7 +111,7 @@ def _save(path: str | Path, matrices: list[Tensor], subsets: list[Subset],
     np.savez(path, **arrays)
 
 
-def _pair_scorer(head: Head, mode: str | None, img_enc: Encoded, txt_enc: Encoded,
+def _pair_scorer(head: Retriever, mode: str | None, img_enc: Encoded, txt_enc: Encoded,
                  gallery: Subset, device: torch.device, pair_batch: int,
                  progress: bool) -> FineScorer:
     """Fine scores of (gallery image row, gallery caption row) pairs with ``head`` in ``mode``."""
@@ -122,9 +124,10 @@ def _pair_scorer(head: Head, mode: str | None, img_enc: Encoded, txt_enc: Encode
     return fine
 
 
-def two_stage(coarse_head: Head, fine_head: Head, image_cache: ImageCache, text_cache: TextCache,
-              topk: int | tuple[int, int], device: torch.device | str = "cpu",
-              protocol: str = "full", coarse_mode: str | None = None, fine_mode: str | None = None,
+def two_stage(coarse_head: Retriever, fine_head: Retriever, image_cache: ImageCache,
+              text_cache: TextCache, topk: int | tuple[int, int],
+              device: torch.device | str = "cpu", protocol: str = "full",
+              coarse_mode: str | None = None, fine_mode: str | None = None,
               fuse_weight: float = 0.0, pair_batch: int = DEFAULT_PAIR_BATCH,
               image_block: int = DEFAULT_IMAGE_BLOCK, caption_block: int = DEFAULT_CAPTION_BLOCK,
               batch_size: int = 256, progress: bool = False) -> dict[str, Any]:

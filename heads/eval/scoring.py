@@ -24,7 +24,8 @@ from cache.datasets import token_batches
 from cache.errors import InputError
 from cache.progress import progress_bar
 from cache.store import ImageCache, TextCache
-from heads.base import Encoded, Head, cat_encoded, index_encoded, map_encoded, num_items
+from heads.base import Encoded, cat_encoded, index_encoded, map_encoded, num_items
+from heads.sources import Retriever
 
 DEFAULT_IMAGE_BLOCK = 1000
 DEFAULT_CAPTION_BLOCK = 16
@@ -33,7 +34,7 @@ EMBEDDING_CHUNK_ELEMENTS = 1 << 26  # one embedding product writes at most this 
 
 
 @contextlib.contextmanager
-def inference(head: Head, device: torch.device, amp: bool = False) -> Iterator[None]:
+def inference(head: Retriever, device: torch.device, amp: bool = False) -> Iterator[None]:
     """Eval mode (restored afterwards), no autograd; bf16 autocast on ``device`` when ``amp``,
     autocast explicitly off otherwise (float32 even inside a caller's autocast region)."""
     was_training = head.training
@@ -62,13 +63,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def encode_cache(head: Head, cache: ImageCache | TextCache, device: torch.device | str,
+def encode_cache(head: Retriever, cache: ImageCache | TextCache, device: torch.device | str,
                  batch_size: int = 256, progress: bool = False,
                  rows: np.ndarray | None = None, amp: bool | None = None) -> Encoded:
     """Encode every row of an image or text cache once, in order (or only ``rows``, in their
     order); the result stays on ``device``, in float32.
 
     The fp16 cached tokens are moved to the device as stored and cast to float32 there; the head
+    (for a ``heads.sources.RetrievalModel``: its token source, e.g. a tuned tail, then its head)
     runs under bf16 autocast when ``amp`` (default: on CUDA).
     """
     device = torch.device(device)
@@ -88,7 +90,8 @@ def encode_cache(head: Head, cache: ImageCache | TextCache, device: torch.device
     return cat_encoded(parts)
 
 
-def similarity_matrix(head: Head, img_enc: Encoded, txt_enc: Encoded, device: torch.device | str,
+def similarity_matrix(head: Retriever, img_enc: Encoded, txt_enc: Encoded,
+                      device: torch.device | str,
                       image_block: int = DEFAULT_IMAGE_BLOCK,
                       caption_block: int = DEFAULT_CAPTION_BLOCK,
                       progress: bool = False) -> Tensor:
@@ -125,7 +128,7 @@ def similarity_matrix(head: Head, img_enc: Encoded, txt_enc: Encoded, device: to
     return out
 
 
-def score_pairs(head: Head, img_enc: Encoded, txt_enc: Encoded, image_rows: Tensor,
+def score_pairs(head: Retriever, img_enc: Encoded, txt_enc: Encoded, image_rows: Tensor,
                 caption_rows: Tensor, device: torch.device | str,
                 pair_batch: int = DEFAULT_PAIR_BATCH, progress: bool = False) -> Tensor:
     """Scores ``[P]`` (float32, computed in float32, on the CPU) of the pairs (image_rows[p],

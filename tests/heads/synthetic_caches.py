@@ -41,7 +41,7 @@ class World:
 
 def write_split(root: Path, split: str, n_images: int, world: World = World(), seed: int = 1,
                 captions_per_image: int = 5, dataset: str = "syn", encoder: str = "synthetic",
-                weights_hash: str = "h0") -> tuple[Path, Path]:
+                weights_hash: str = "h0", layer: int = -1) -> tuple[Path, Path]:
     """Write ``<root>/<dataset>/<split>/{image-synimg,text-syntxt}.h5``; returns both paths."""
     img_basis, txt_basis, stops, special = world.bases()
     rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
@@ -70,7 +70,7 @@ def write_split(root: Path, split: str, n_images: int, world: World = World(), s
     image_path = default_cache_path(root, dataset, split, "image", IMAGE_TAG)
     text_path = default_cache_path(root, dataset, split, "text", TEXT_TAG)
     common = dict(encoder=encoder, weights_id="synthetic", weights_hash=weights_hash,
-                  dataset=dataset, split=split)
+                  layer=layer, dataset=dataset, split=split)
     with ImageCacheWriter(image_path, CacheAttrs("image", dim=world.image_dim, num_items=n_images,
                                                  num_tokens=t, prefix_tokens=1, **common),
                           ids=[str(i) for i in range(n_images)],

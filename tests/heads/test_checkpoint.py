@@ -1,13 +1,23 @@
-"""Warm starts: another run's weights, renamed by prefix, initialise a head."""
+"""Warm starts: another run's weights, renamed by prefix, initialise a head; checkpoints written
+before token sources existed (format 1) still evaluate and resume."""
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from cache.errors import InputError
+from cache.store import ImageCache, TextCache
 from heads.base import FeatureSpec
-from heads.checkpoint import warm_start
+from heads.checkpoint import FORMAT_VERSION, load_checkpoint, model_from_checkpoint, warm_start
+from heads.config import load_config
+from heads.eval.evaluate import evaluate
 from heads.models.linear import LinearHead
+from heads.sources import CachedTokens
+from heads.train import train
+from tests.heads.synthetic_caches import IMAGE_TAG, TEXT_TAG, config_overrides, write_dataset
 
 IMAGE = FeatureSpec("image", 12, prefix_tokens=1)
 TEXT = FeatureSpec("text", 8, prefix_tokens=1, suffix_tokens=1)
@@ -49,3 +59,39 @@ def test_bad_warm_starts_are_named() -> None:
         warm_start(head, _source(), {"image": "image_fc"})
     with pytest.raises(InputError, match="no weight .* matches.*init.rename"):
         warm_start(head, _source(), {})
+
+
+def _as_format_1(path: Path, target: Path) -> None:
+    """Rewrite a checkpoint of a cache-only run as this tool wrote it before token sources."""
+    state = torch.load(path, weights_only=True)
+    del state["sources"]
+    for key in ("image_source", "text_source"):
+        del state["config"]["data"][key]
+    target.mkdir(parents=True, exist_ok=True)
+    torch.save({**state, "format": 1}, target / path.name)
+
+
+def test_a_format_1_checkpoint_still_evaluates_and_resumes(tmp_path: Path) -> None:
+    features = write_dataset(tmp_path / "features", train=40, dev=20, test=20)
+    config = load_config(None, config_overrides(features, epochs=1, batch_size=40, lr=0.01)
+                         + ["loss.name=infonce", "head.embed_dim=16"])
+    train(config, tmp_path / "new", show_progress=False)
+    for name in ("best.pt", "last.pt"):
+        _as_format_1(tmp_path / "new" / name, tmp_path / "old")
+    shutil.copy(tmp_path / "new" / "log.jsonl", tmp_path / "old")
+    old, new = load_checkpoint(tmp_path / "old" / "best.pt"), load_checkpoint(tmp_path / "new" /
+                                                                              "best.pt")
+    assert old["format"] == 1 and "sources" not in old and new["format"] == FORMAT_VERSION == 2
+    test = [ImageCache(features / "syn" / "test" / f"image-{IMAGE_TAG}.h5"),
+            TextCache(features / "syn" / "test" / f"text-{TEXT_TAG}.h5")]
+    model = model_from_checkpoint(old, *test)
+    assert isinstance(model.image_source, CachedTokens) and model.tuned_states() == {}
+    assert (evaluate(model, *test)["metrics"]
+            == evaluate(model_from_checkpoint(new, *test), *test)["metrics"])
+    resumed = []
+    for run in ("old", "new"):
+        config = load_config(None, ["optim.epochs=2"],
+                             base=load_checkpoint(tmp_path / run / "last.pt")["config"])
+        history = train(config, tmp_path / run, resume=True, show_progress=False).history
+        resumed.append([(h["epoch"], h["loss"], h["dev"]) for h in history])
+    assert resumed[0] == resumed[1] and resumed[0][0][0] == 1

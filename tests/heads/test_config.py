@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from cache.errors import InputError
-from heads.config import (DEFAULTS, apply_overrides, cache_paths, flatten, load_config,
-                          longest_prefix, parse_override, save_config)
+from heads.config import (DEFAULTS, TAIL_LR_MULT, apply_overrides, cache_paths, flatten,
+                          load_config, longest_prefix, parse_override, save_config)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -130,3 +130,18 @@ def test_shipped_configs_resolve(path: Path) -> None:
     cfg = load_config(path)
     assert cfg["head"]["name"] and cfg["data"]["image"] and cfg["data"]["text"]
     assert cfg["data"]["dev_split"] != cfg["data"]["test_split"]
+
+
+def test_token_sources_default_to_the_cache_and_a_tail_to_lr_x01(config_file: Path) -> None:
+    cfg = load_config(config_file)
+    assert (cfg["data"]["image_source"], cfg["data"]["text_source"]) == ("cache", "cache")
+    assert cfg["optim"]["lr_mult"] == {}                        # cache runs: as before
+    cfg = load_config(config_file, ["data.text_source=tail", "optim.lr_mult.image_fc=2"])
+    assert cfg["optim"]["lr_mult"] == {"image_fc": 2.0, "text_source": TAIL_LR_MULT}
+    assert TAIL_LR_MULT == 0.1
+    cfg = load_config(config_file, ["data.image_source=tail", "data.text_source=tail",
+                                    "optim.lr_mult.text_source=0.3"])
+    assert cfg["optim"]["lr_mult"] == {"text_source": 0.3, "image_source": 0.1}
+    with pytest.raises(InputError, match=r"'data.image_source' must be one of cache, tail, got "
+                                         r"'e2e'"):
+        load_config(config_file, ["data.image_source=e2e"])

@@ -1,7 +1,9 @@
 """DDP on the CPU: two gloo processes give the loss and gradient of one process on the global batch.
 
 One spawn of two processes runs every check (process start-up dominates the cost): the loss module
-in both gather modes on a fixed batch, and a whole ``train`` run compared with a one-process run.
+in both gather modes on a fixed batch, bare and behind a tuned image tail (a tiny DINOv2's last
+block and norm, run on each rank's rows before the gather), and whole ``train`` runs (cache
+sources; an image tail from a layer-K cache) compared with one-process runs.
 """
 from __future__ import annotations
 
@@ -23,8 +25,11 @@ from heads.checkpoint import load_checkpoint
 from heads.config import load_config
 from heads.losses import build_loss
 from heads.distributed import LossModule
+from extract.tails import Tail
+from heads.sources import RetrievalModel, TailTokens, TokenSource
 from heads.train import train
 from tests.heads.synthetic_caches import config_overrides, write_dataset
+from tests.heads.tail_world import TailWorld, make_tail_world, tail_overrides
 
 WORLD = 2
 IMAGE_IDS = [0, 0, 1, 2, 3, 3, 4, 5]       # two captions of image 0 and of image 3
@@ -47,13 +52,28 @@ TEXT_LENGTHS = [7, 4, 6, 2, 4, 3, 4, 2]
 
 
 HEADS = ("linear", "scan")   # an embedding head and an interaction head (token-set encodings)
+TAIL_DIM = 8                 # image tokens of the tail variant: 5 of 8 dims, no padding
 
 
-def _parts(name: str) -> tuple[LossModule, TokenBatch, TokenBatch, torch.Tensor]:
+def _image_tail() -> TokenSource:
+    """The last block and final norm of a tiny random DINOv2 (no dropout), as a tuned source."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    model = Dinov2Model(Dinov2Config(hidden_size=TAIL_DIM, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=16, image_size=16,
+                                     patch_size=8))
+    return TailTokens(Tail({1: model.encoder.layer[1]}, model.layernorm))
+
+
+def _parts(name: str, tail: bool = False) -> tuple[LossModule, TokenBatch, TokenBatch,
+                                                     torch.Tensor]:
     torch.manual_seed(0)
-    head = build_head(name, FeatureSpec("image", 6), FeatureSpec("text", 4), embed_dim=5)
+    image_dim = TAIL_DIM if tail else 6
+    head = build_head(name, FeatureSpec("image", image_dim), FeatureSpec("text", 4), embed_dim=5)
     criterion = build_loss("infonce", temperature=0.1)    # a learnable temperature: DDP syncs it
-    return (LossModule(head, criterion), _batch(IMAGE_LENGTHS, 6, 1), _batch(TEXT_LENGTHS, 4, 2),
+    model = RetrievalModel(head, _image_tail() if tail else None)
+    images = _batch([5] * 8, TAIL_DIM, 1) if tail else _batch(IMAGE_LENGTHS, 6, 1)
+    return (LossModule(model, criterion), images, _batch(TEXT_LENGTHS, 4, 2),
             torch.tensor(IMAGE_IDS))
 
 
@@ -73,7 +93,11 @@ def _config(features: Path) -> dict[str, Any]:
                           "data.text_token_drop=0.2"])
 
 
-def _worker(rank: int, port: int, features: str, out: str) -> None:
+def _tail_config(world: TailWorld) -> dict[str, Any]:
+    return load_config(None, tail_overrides(world, image="tail", lr=0.01))
+
+
+def _worker(rank: int, port: int, features: str, world: TailWorld, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update({"WORLD_SIZE": str(WORLD), "RANK": str(rank), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
@@ -82,13 +106,16 @@ def _worker(rank: int, port: int, features: str, out: str) -> None:
     rows = torch.arange(rank * 4, rank * 4 + 4)
     for name in HEADS:
         for mode in ("encodings", "inputs"):
-            module, images, texts, ids = _parts(name)
-            module.world_size, module.gather = WORLD, mode
-            ddp = torch.nn.parallel.DistributedDataParallel(module)
-            results[name, mode] = _loss_and_grads(ddp, images.index(rows), texts.index(rows),
-                                                  ids[rows])
+            for tail in (False, True):
+                module, images, texts, ids = _parts(name, tail)
+                module.world_size, module.gather = WORLD, mode
+                ddp = torch.nn.parallel.DistributedDataParallel(module)
+                results[name, mode, tail] = _loss_and_grads(ddp, images.index(rows),
+                                                            texts.index(rows), ids[rows])
     summary = train(_config(Path(features)), Path(out) / "ddp", show_progress=False)
     results["history"] = summary.history
+    results["tail_history"] = train(_tail_config(world), Path(out) / "ddp_tail",
+                                    show_progress=False).history
     torch.save(results, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -100,34 +127,41 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[dict[str, Any]]]:
+def runs(tmp_path_factory: pytest.TempPathFactory
+         ) -> tuple[Path, TailWorld, Path, list[dict[str, Any]]]:
     features = write_dataset(tmp_path_factory.mktemp("features"), train=40, dev=20, test=4)
+    world = make_tail_world(tmp_path_factory.mktemp("tail"))
     out = tmp_path_factory.mktemp("runs")
     importlib.import_module("heads.eval.evaluate")   # imported once here, inherited by the children
     list_heads()
     # fork: the children inherit the imported modules (a spawn re-imports torch: ~10 s on a busy CPU)
-    mp.start_processes(_worker, args=(_free_port(), str(features), str(out)), nprocs=WORLD,
-                       join=True, start_method="fork")
-    return features, out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    mp.start_processes(_worker, args=(_free_port(), str(features), world, str(out)),
+                       nprocs=WORLD, join=True, start_method="fork")
+    return (features, world, out,
+            [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)])
 
 
+@pytest.mark.parametrize("tail", [False, True], ids=["cache", "tail"])
 @pytest.mark.parametrize("mode", ["encodings", "inputs"])
 @pytest.mark.parametrize("name", HEADS)
 def test_two_processes_give_the_global_batch_loss_and_gradient(
-        runs: tuple[Path, Path, list[dict[str, Any]]], name: str, mode: str) -> None:
-    module, images, texts, ids = _parts(name)
+        runs: tuple[Path, TailWorld, Path, list[dict[str, Any]]], name: str, mode: str,
+        tail: bool) -> None:
+    module, images, texts, ids = _parts(name, tail)
     single = _loss_and_grads(module, images, texts, ids)
-    for rank_result in runs[2]:
-        got = rank_result[name, mode]
+    if tail:
+        assert any(n.startswith("model.image_source.tail.blocks.1.") for n in single["grads"])
+    for rank_result in runs[3]:
+        got = rank_result[name, mode, tail]
         assert torch.allclose(got["loss"], single["loss"], rtol=1e-5, atol=1e-6)
         assert got["grads"].keys() == single["grads"].keys()
         for param, grad in single["grads"].items():
             assert torch.allclose(got["grads"][param], grad, rtol=1e-4, atol=1e-6), param
 
 
-def test_a_ddp_run_equals_a_one_process_run(runs: tuple[Path, Path, list[dict[str, Any]]],
-                                            tmp_path: Path) -> None:
-    features, out, results = runs
+def test_a_ddp_run_equals_a_one_process_run(
+        runs: tuple[Path, TailWorld, Path, list[dict[str, Any]]], tmp_path: Path) -> None:
+    features, _, out, results = runs
     single = train(_config(features), tmp_path / "single", show_progress=False)
     ddp_history = results[0]["history"]
     for a, b in zip(ddp_history, single.history):
@@ -138,3 +172,20 @@ def test_a_ddp_run_equals_a_one_process_run(runs: tuple[Path, Path, list[dict[st
     for name, value in b["model"].items():
         assert torch.allclose(a["model"][name], value, rtol=1e-3, atol=1e-5), name
     assert len(a["rng"]) == WORLD and a["step"] == b["step"]
+
+
+def test_a_ddp_tail_run_equals_a_one_process_run(
+        runs: tuple[Path, TailWorld, Path, list[dict[str, Any]]], tmp_path: Path) -> None:
+    """An image tail (tiny DINOv2 block 1 + norm from a layer-1 cache) trained under DDP."""
+    _, world, out, results = runs
+    single = train(_tail_config(world), tmp_path / "single", show_progress=False)
+    for a, b in zip(results[0]["tail_history"], single.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    a = load_checkpoint(out / "ddp_tail" / "last.pt")
+    b = load_checkpoint(tmp_path / "single" / "last.pt")
+    assert list(b["sources"]) == ["image"] and a["sources"]["image"].keys() == b["sources"][
+        "image"].keys()
+    for name, value in b["sources"]["image"].items():
+        assert torch.allclose(a["sources"]["image"][name], value, rtol=1e-3, atol=1e-5), name
+    for name, value in b["model"].items():
+        assert torch.allclose(a["model"][name], value, rtol=1e-3, atol=1e-5), name

@@ -14,6 +14,7 @@ from heads.checkpoint import head_from_checkpoint, load_checkpoint
 from heads.config import load_config
 from heads.models.linear import LinearHead
 from heads.losses import build_loss
+from heads.sources import RetrievalModel
 from heads.train import (NonFiniteLossError, Trainer, evaluate_split, lr_factor, param_groups,
                          train)
 from tests.heads.synthetic_caches import (IMAGE_TAG, TEXT_TAG, World, config_overrides,
@@ -165,15 +166,15 @@ def test_parameter_groups_and_schedule(features: Path) -> None:
     from heads.base import FeatureSpec
     head = LinearHead(FeatureSpec("image", 4), FeatureSpec("text", 3), embed_dim=5)
     criterion = build_loss("infonce")
-    groups = param_groups(head, criterion, 1e-3, 1e-4, {"image_fc": 0.1, "image_fc.bias": 2.0,
-                                                         "loss": 0.5})
+    groups = param_groups(RetrievalModel(head), criterion, 1e-3, 1e-4,
+                          {"image_fc": 0.1, "image_fc.bias": 2.0, "loss": 0.5})
     by_name = {n: (g["lr"], g["weight_decay"]) for g in groups for n in g["names"]}
     assert by_name["image_fc.weight"] == (pytest.approx(1e-4), 1e-4)
     assert by_name["image_fc.bias"] == (pytest.approx(2e-3), 1e-4)        # longest prefix wins
     assert by_name["text_fc.weight"] == (1e-3, 1e-4)
     assert by_name["loss.log_scale"] == (pytest.approx(5e-4), 0.0)         # no decay on the loss
     with pytest.raises(InputError, match="image_f"):
-        param_groups(head, criterion, 1e-3, 0.0, {"image_f": 0.1})       # a prefix is a module
+        param_groups(RetrievalModel(head), criterion, 1e-3, 0.0, {"image_f": 0.1})  # a module
     assert [lr_factor(s, 10, [2, 3], 0.1, 0) for s in (0, 19, 20, 29, 30)] == pytest.approx(
         [1, 1, 0.1, 0.1, 0.01])
     assert [lr_factor(s, 10, [], 0.1, 4) for s in (0, 1, 3, 9)] == pytest.approx([0.25, 0.5, 1, 1])
