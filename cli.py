@@ -16,7 +16,7 @@ import click  # noqa: E402
 from cache.commands import info  # noqa: E402
 from cache.errors import InputError  # noqa: E402
 from extract.commands import demo_data, extract, import_precomp  # noqa: E402
-from heads.commands import evaluate, train_head  # noqa: E402
+from heads.commands import evaluate, export_backbone, train_head  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,7 +24,7 @@ def cli() -> None:
     """Cache backbone features once; train and evaluate image-text retrieval heads from them."""
 
 
-for command in (extract, import_precomp, demo_data, info, train_head, evaluate):
+for command in (extract, import_precomp, demo_data, info, train_head, evaluate, export_backbone):
     cli.add_command(command)
 
 

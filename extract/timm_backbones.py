@@ -83,7 +83,7 @@ class _TimmTokens(ImageEncoder):
         if self.layer == -1:
             tokens = self.model.forward_features(pixels)
             if self.own_prefix is None:
-                tokens = _flatten(tokens.permute(0, 3, 1, 2) if self.channels_last else tokens)
+                tokens = flatten_grid(tokens.permute(0, 3, 1, 2) if self.channels_last else tokens)
         elif self.own_prefix:
             ((grid, prefix),) = self.model.forward_intermediates(
                 pixels,
@@ -93,14 +93,14 @@ class _TimmTokens(ImageEncoder):
                 intermediates_only=True,
                 return_prefix_tokens=True,
             )
-            tokens = torch.cat([prefix, _flatten(grid)], dim=1)
+            tokens = torch.cat([prefix, flatten_grid(grid)], dim=1)
         else:
             (grid,) = self.model.forward_intermediates(
                 pixels, indices=[self.layer], norm=False, stop_early=True, intermediates_only=True
             )
-            tokens = _flatten(grid)
+            tokens = flatten_grid(grid)
         if self.own_prefix is None:
-            tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
+            tokens = with_mean_token(tokens)
         if tokens.shape[1:] != (self.layout.num_tokens, self.layout.dim):
             raise InputError(
                 f"{self.name} {self.weights_id}: the model gives tokens of "
@@ -109,13 +109,32 @@ class _TimmTokens(ImageEncoder):
         return tokens
 
 
-def _flatten(grid: torch.Tensor) -> torch.Tensor:
+def flatten_grid(grid: torch.Tensor) -> torch.Tensor:
     """``[B, D, H, W]`` -> ``[B, H * W, D]`` in raster order."""
     return grid.flatten(2).transpose(1, 2)
 
 
+def with_mean_token(tokens: torch.Tensor) -> torch.Tensor:
+    """Grid tokens ``[B, N, D]`` behind their mean: the one prefix token of feature-map models."""
+    return torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
+
+
 def _encoder(model: nn.Module, *, label: str, layer: int, resolution: int, **kwargs) -> _TimmTokens:
     """Wrap a loaded timm model after checking ``layer`` and ``resolution`` against its stages."""
+    layout = token_layout(model, label, layer, resolution)
+    return _TimmTokens(
+        model,
+        own_prefix=getattr(model, "num_prefix_tokens", None),
+        layer=layer,
+        resolution=resolution,
+        layout=layout,
+        **kwargs,
+    )
+
+
+def token_layout(model: nn.Module, label: str, layer: int, resolution: int) -> TokenLayout:
+    """The tokens a timm model gives at ``layer`` and ``resolution`` (InputError naming ``label``
+    where it cannot give them)."""
     info = getattr(model, "feature_info", None)
     if not hasattr(model, "forward_intermediates") or not isinstance(info, list) or not info:
         raise InputError(
@@ -133,10 +152,7 @@ def _encoder(model: nn.Module, *, label: str, layer: int, resolution: int, **kwa
     side = resolution // int(stage["reduction"])
     own_prefix = getattr(model, "num_prefix_tokens", None)
     prefix = 1 if own_prefix is None else own_prefix
-    layout = TokenLayout(prefix + side * side, dim, prefix, (side, side))
-    return _TimmTokens(
-        model, own_prefix=own_prefix, layer=layer, resolution=resolution, layout=layout, **kwargs
-    )
+    return TokenLayout(prefix + side * side, dim, prefix, (side, side))
 
 
 # ------------------------------------------------------------------------- --backbone timm

@@ -25,7 +25,7 @@ from cache.store import CacheAttrs
 from heads.registry import build_head
 from heads.base import FeatureSpec, Head
 from heads.config import longest_prefix
-from heads.sources import SIDES, RetrievalModel, build_source
+from heads.sources import SIDES, RetrievalModel, TokenSource, build_source
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
@@ -85,11 +85,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def head_from_checkpoint(state: dict[str, Any], image_cache: Any = None,
-                         text_cache: Any = None) -> Head:
+                         text_cache: Any = None,
+                         sources: dict[str, TokenSource] | None = None) -> Head:
     """Rebuild the head of a checkpoint and load its weights (on the CPU).
 
     With caches given, they are first checked against the caches the head was trained on, and the
-    head is built for their specs (so a test cache with another token count still fits)."""
+    head is built for their specs (so a test cache with another token count still fits), as seen
+    through the side's token source where ``sources`` (``{side: source}``) has one."""
     source = state.get("path", "checkpoint")
     specs = []
     for side, cache in (("image", image_cache), ("text", text_cache)):
@@ -97,6 +99,8 @@ def head_from_checkpoint(state: dict[str, Any], image_cache: Any = None,
         if cache is not None:
             check_features(state["features"][side], cache, f"the {side} cache of {source}")
             spec = FeatureSpec.from_cache(cache)
+            if sources and side in sources:
+                spec = sources[side].output_spec(spec)
         specs.append(spec)
     head = build_head(state["head_name"], specs[0], specs[1], **state["head_options"])
     try:
@@ -118,11 +122,10 @@ def model_from_checkpoint(state: dict[str, Any], image_cache: Any,
     """The head of a checkpoint behind its token sources, for ``image_cache`` / ``text_cache``
     (checked against the run's caches): a tail is rebuilt from the backbone of its cache (the same
     weights, by hash) and gets the run's tuned weights. On the CPU."""
-    head = head_from_checkpoint(state, image_cache, text_cache)
     caches = {"image": image_cache, "text": text_cache}
-    sources = {f"{side}_source": build_source(kind, caches[side])
-               for side, kind in source_kinds(state).items()}
-    model = RetrievalModel(head, **sources)
+    sources = {side: build_source(kind, caches[side]) for side, kind in source_kinds(state).items()}
+    head = head_from_checkpoint(state, image_cache, text_cache, sources)
+    model = RetrievalModel(head, **{f"{side}_source": s for side, s in sources.items()})
     model.load_tuned_states(state.get("sources", {}), state.get("path", "checkpoint"))
     return model
 

@@ -1,8 +1,9 @@
-"""Stage-two commands: ``cli train-head`` and ``cli eval``.
+"""Stage-two commands: ``cli train-head``, ``cli eval`` and ``cli export-backbone``.
 
 The commands only parse options and print; the work is in ``heads.train`` (training),
-``heads.eval.evaluate`` (scoring and metrics) and the helpers below (resolving configs, opening the
-caches of a checkpoint), which other commands and options reuse.
+``heads.eval.evaluate`` (scoring and metrics), ``heads.export`` (a tail run's tuned backbone) and
+the helpers below (resolving configs, opening the caches of a checkpoint), which other commands and
+options reuse.
 """
 from __future__ import annotations
 
@@ -289,3 +290,32 @@ def run_two_stage(run: EvalRun, request: TwoStageRequest) -> None:
     write_report(out, run.report(result, coarse_checkpoint=request.coarse_checkpoint,
                                  coarse_mode=request.coarse_mode, fine_mode=request.fine_mode))
     click.echo(f"report: {out}")
+
+
+# ------------------------------------------------------------------------------ export-backbone
+
+
+@click.command("export-backbone")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--side", required=True, type=click.Choice(["image", "text"]),
+              help="The tuned (data.<side>_source: tail) side whose backbone to write.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder to write (refused if it exists and is not empty, unless --overwrite).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out once the new folder is "
+                                                "complete.")
+def export_backbone(checkpoint: str, side: str, out: str, overwrite: bool) -> None:
+    """Write the backbone a tail run tuned as weights that cli extract --weights loads.
+
+    The original weights with the run's tuned blocks after layer K and final norm, plus
+    conversion.json, whose description becomes the weights note of caches extracted from it.
+
+    \b
+    cli export-backbone runs/f8k_linear_minilm_tail/best.pt --side text --out tuned/minilm
+    cli extract --text-encoder minilm --text-weights tuned/minilm --text-tag minilm_tuned ...
+    """
+    from heads.export import export_backbone as export
+
+    result = export(checkpoint, side, out, overwrite=overwrite)
+    click.echo(f"wrote {result.out}: the {side} backbone of {checkpoint} (epoch {result.epoch}), "
+               f"{len(result.tuned)} tuned tensors")
+    click.echo(f"extract with: cli extract {result.extract_options} ...")

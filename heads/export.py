@@ -1,0 +1,230 @@
+"""``cli export-backbone``: the backbone a tail run tuned, written as weights ``cli extract`` loads.
+
+A run with ``data.<side>_source: tail`` keeps in its checkpoint only what it tuned: the blocks of
+that side's backbone after the cache's layer K and the final norm (``sources[side]``, the state of
+a `heads.sources.TailTokens`). `export_backbone` rebuilds the whole backbone from the original
+weights the run's layer-K cache names (its ``weights_id``; they must still hash to the run's
+``weights_hash``), loads the tuned state into its tail, which is made of the backbone's own modules
+(`extract.tails.tail_of`, checked tensor by tensor), and writes the result in the form
+``cli extract --weights`` loads for that backbone:
+
+- transformers models (``bert``, ``minilm``, ``dinov2``, ``vit``): ``save_pretrained``, with the
+  tokenizer for a text model; ``cli extract --text-encoder E --text-weights OUT`` or
+  ``--backbone E --weights OUT``;
+- timm models (``--backbone timm``): a timm model folder as ``timm.models.save_for_hf`` writes it
+  (``config.json`` + ``model.safetensors``), at the model's own input size (never resized to the
+  cache's resolution); ``cli extract --backbone timm --weights OUT``. EfficientNet-Lite0 runs on
+  timm and would be written the same way (``--backbone timm``; not tested while CNN tails are not
+  a token source yet).
+
+Every tensor below layer K is the original's, every tensor of the tail the tuned one. Beside the
+weights, ``conversion.json`` (`extract.weights.NOTE_FILE`) records where they come from; its
+``description`` ("tuned by CHECKPOINT, tail from layer K, epoch E; from weights ID") becomes the
+``weights_note`` of every cache extracted from the folder, and ``cli info`` prints it.
+
+The folder is written under a hidden temporary name beside OUT (``.OUT.export-PID``) and renamed
+to OUT only when complete, so an interrupted export leaves no folder that looks complete. An OUT
+that exists and is not empty is refused unless ``overwrite``; the run's checkpoint and the
+original weights are never replaced.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cache.errors import InputError
+from extract.encoders import ImageEncoder, TextEncoder
+from extract.weights import NOTE_FILE, state_dict_hash
+from heads.checkpoint import load_checkpoint, source_kinds
+from heads.sources import SIDES, TailTokens
+
+Encoder = ImageEncoder | TextEncoder
+
+
+@dataclass(frozen=True)
+class ExportedBackbone:
+    """What `export_backbone` wrote: the folder, the ``cli extract`` options that load it, the
+    backbone names of the tuned tensors, and the provenance note."""
+
+    out: Path
+    extract_options: str
+    tuned: list[str]
+    description: str
+    epoch: int
+
+
+def export_backbone(checkpoint: str | Path, side: str, out: str | Path,
+                    overwrite: bool = False) -> ExportedBackbone:
+    """Write the ``side`` backbone tuned by the tail run of ``checkpoint`` to the folder ``out``
+    (see the module docstring). InputError naming the file: ``out`` exists and is not empty (without
+    ``overwrite``) or is a file, the checkpoint did not tune ``side``, the original weights are
+    missing or changed, or the backbone has no export form."""
+    if side not in SIDES:
+        raise InputError(f"unknown side {side!r}; one of {', '.join(SIDES)}")
+    checkpoint, out = Path(checkpoint), Path(out)
+    _check_out(out, overwrite)
+    state = load_checkpoint(checkpoint)
+    kind = source_kinds(state)[side]
+    if kind != "tail" or side not in state.get("sources", {}):
+        tuned = sorted(state.get("sources", {})) or "none"
+        raise InputError(f"{checkpoint}: the {side} side of this run was not tuned "
+                         f"(data.{side}_source is {kind!r}; tuned sides: {tuned}); only a tail "
+                         "side has a backbone to export")
+    features = state["features"][side]
+    encoder = _original_encoder(checkpoint, side, features)
+    _refuse_replacing(out, [checkpoint, Path(encoder.weights_id)])
+    tuned = _load_tuned(checkpoint, side, encoder, state["sources"][side])
+    write = _writer(checkpoint, side, encoder)
+    form = "timm" if write is _write_timm else features["encoder"]
+    option = (f"--text-encoder {form} --text-weights" if side == "text" else
+              f"--backbone {form} --weights")
+    extract = f"{option} {out}" + ("" if side == "text" else
+                                    f" --resolution {features['resolution']}")
+    original = encoder.weights_id + (f" ({encoder.weights_note})" if encoder.weights_note else "")
+    description = (f"tuned by {checkpoint.resolve()}, tail from layer {features['layer']}, "
+                   f"epoch {state['epoch']}; from weights {original}")
+    note = {
+        "description": description,
+        "tuned_by": str(checkpoint.resolve()),
+        "side": side,
+        "encoder": features["encoder"],
+        "layer": features["layer"],
+        "epoch": state["epoch"],
+        "dev": state.get("dev", {}),
+        "original_weights_id": encoder.weights_id,
+        "original_weights_hash": encoder.weights_hash,
+        "original_weights_note": encoder.weights_note,
+        "weights_hash": state_dict_hash(encoder.model),
+        "tuned_tensors": tuned,
+        "extract": f"cli extract {extract}",
+    }
+
+    def fill(folder: Path) -> None:
+        write(encoder, folder)
+        text = json.dumps(note, indent=2, default=str) + "\n"
+        (folder / NOTE_FILE).write_text(text, encoding="utf-8")
+
+    _write_atomically(out, fill)
+    return ExportedBackbone(out, extract, tuned, description, state["epoch"])
+
+
+# ------------------------------------------------------------------------------------- the model
+
+
+def _original_encoder(checkpoint: Path, side: str, features: dict[str, Any]) -> Encoder:
+    """The run's backbone with its original weights, loaded as ``cli extract`` loads it, at the
+    run's layer K; InputError naming the checkpoint and the weights when they are missing or no
+    longer hash to the run's ``weights_hash``."""
+    from extract.backbones import create_image_encoder, create_text_encoder
+
+    name, weights, layer = features["encoder"], features["weights_id"], features["layer"]
+    try:
+        if side == "image":
+            # timm resizes a ViT's position embeddings to a resolution other than its own, and the
+            # folder must hold the weights as loaded; transformers ViTs interpolate at run time
+            resolution = None if name == "timm" else features["resolution"]
+            encoder = create_image_encoder(name, weights, layer, resolution)
+        else:   # the caption length plays no part in the weights; 2 fits every model
+            encoder = create_text_encoder(name, weights, layer, max_length=2)
+    except InputError as err:
+        raise InputError(f"{checkpoint}: cannot load the original {side} backbone of its tail "
+                         f"({name}, weights {weights}): {err}") from err
+    if encoder.weights_hash != features["weights_hash"]:
+        raise InputError(f"{checkpoint}: the original {side} weights {weights} hash to "
+                         f"{encoder.weights_hash}, but the run was tuned from weights "
+                         f"{features['weights_hash']}; they changed since (restore them)")
+    return encoder
+
+
+def _load_tuned(checkpoint: Path, side: str, encoder: Encoder,
+                tuned_state: dict[str, Any]) -> list[str]:
+    """Load the run's tuned tail state into ``encoder.model`` (in place); returns the model's names
+    of the tensors it replaced. The tail must be made of the model's own tensors."""
+    from extract.tails import tail_of
+
+    source = TailTokens(tail_of(encoder, str(checkpoint)))
+    owner = {id(tensor): name for name, tensor in encoder.model.state_dict(keep_vars=True).items()}
+    names = {}
+    for name, tensor in source.state_dict(keep_vars=True).items():
+        if id(tensor) not in owner:
+            raise InputError(f"{checkpoint}: the {encoder.name} tail's {name} is not a tensor of "
+                             "its backbone; this backbone cannot be exported yet")
+        names[name] = owner[id(tensor)]
+    try:
+        source.load_state_dict(tuned_state)
+    except RuntimeError as exc:
+        raise InputError(f"{checkpoint}: its tuned {side} blocks do not fit the backbone "
+                         f"{encoder.weights_id} ({str(exc).splitlines()[0]})") from exc
+    return sorted(names.values())
+
+
+# ----------------------------------------------------------------------------------- the folder
+
+
+def _writer(checkpoint: Path, side: str, encoder: Encoder) -> Callable[[Encoder, Path], None]:
+    """How the loaded model of ``encoder`` is saved so that ``cli extract --weights`` loads it."""
+    from transformers import PreTrainedModel
+
+    if isinstance(encoder.model, PreTrainedModel):
+        return _write_transformers
+    if getattr(encoder.model, "pretrained_cfg", None) is not None:
+        return _write_timm
+    raise InputError(f"{checkpoint}: no export form for the {side} backbone "
+                     f"{type(encoder.model).__name__} ({encoder.name})")
+
+
+def _write_transformers(encoder: Encoder, folder: Path) -> None:
+    encoder.model.save_pretrained(folder)
+    if getattr(encoder, "tokenizer", None) is not None:   # text encoders: cli extract needs it
+        encoder.tokenizer.save_pretrained(folder)
+
+
+def _write_timm(encoder: Encoder, folder: Path) -> None:
+    from timm.models import save_for_hf
+
+    save_for_hf(encoder.model, folder, safe_serialization=True)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.is_file() or (out.exists() and not out.is_dir()):
+        raise InputError(f"{out}: exists and is not a folder (--out names the folder to write)")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+
+
+def _refuse_replacing(out: Path, keep: list[Path]) -> None:
+    """InputError when writing ``out`` would replace one of ``keep`` (the checkpoint, the original
+    weights) or a folder holding it."""
+    target = out.resolve()
+    for path in keep:
+        if path.exists() and (path.resolve() == target or target in path.resolve().parents):
+            raise InputError(f"{out}: holds {path}, which the export reads; write elsewhere")
+
+
+def _write_atomically(out: Path, fill: Callable[[Path], None]) -> None:
+    """``fill`` a temporary folder beside ``out``, then rename it to ``out`` (replacing an empty or
+    overwritten folder only once the new one is complete)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.export-{os.getpid()}"
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        fill(tmp)
+        replaced = out.exists()
+        if replaced:
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if replaced:
+                os.replace(old, out)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
