@@ -55,8 +55,9 @@ def progress_bar(*args: Any, **kwargs: Any) -> tqdm:
 
 @contextmanager
 def no_loading_bar_off_a_terminal() -> Iterator[None]:
-    """Turn transformers' "Loading weights" bar off while loading when stderr is not a terminal: it
-    redraws with carriage returns, which a log file (nohup) would keep."""
+    """Turn transformers' progress bars ("Loading weights", "Writing model shards") off inside the
+    block when stderr is not a terminal: they redraw with carriage returns, which a log file
+    (nohup) would keep."""
     from transformers.utils import logging as hf_logging
 
     if sys.stderr.isatty() or not hf_logging.is_progress_bar_enabled():

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from cache.errors import InputError
+from cache.progress import no_loading_bar_off_a_terminal
 from extract.encoders import ImageEncoder, TextEncoder
 from extract.weights import NOTE_FILE, state_dict_hash
 from heads.checkpoint import load_checkpoint, source_kinds
@@ -179,7 +180,8 @@ def _writer(checkpoint: Path, side: str, encoder: Encoder) -> Callable[[Encoder,
 
 
 def _write_transformers(encoder: Encoder, folder: Path) -> None:
-    encoder.model.save_pretrained(folder)
+    with no_loading_bar_off_a_terminal():     # its "Writing model shards" bar, in a log file
+        encoder.model.save_pretrained(folder)
     if getattr(encoder, "tokenizer", None) is not None:   # text encoders: cli extract needs it
         encoder.tokenizer.save_pretrained(folder)
 

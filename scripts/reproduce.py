@@ -28,6 +28,7 @@ DATA = "../shared/data"
 EFFNET = "cache-effnet-minilm"
 DINOV2 = "cache-dinov2"
 MINILM_L4 = "cache-minilm-l4"
+TUNED = "cache-minilm-tuned"
 LINEAR_TOP100 = "--rerank-topk 100 --shortlist runs/f8k_linear/best.pt"
 ONE_EPOCH = '--set optim.epochs=1 --set "optim.milestones=[1]"'
 BATCH32 = "--set optim.batch_size=32 --set optim.lr=3.0e-4"
@@ -69,13 +70,17 @@ def trained(name: str, description: str, options: str, eval_options: str = "",
                (f"{run_dir(name)}/best.pt",))
 
 
+def extract_command(options: str, images: bool = True) -> str:
+    """One ``cli extract`` call over every Flickr8k split (``images``: it reads the photos)."""
+    photos = f" --images {DATA}/flickr8k-images" if images else ""
+    return (f"python cli.py extract {options} --dataset f8k --data-path {DATA}/f8k{photos} "
+            "--split train,dev,test --out features")
+
+
 def extraction(name: str, description: str, options: str, files: tuple[str, ...],
                images: bool = True) -> Row:
-    """A stage-one row: one ``cli extract`` call over every Flickr8k split (``images``: the call
-    reads the photos, i.e. it has an image backbone)."""
-    photos = f" --images {DATA}/flickr8k-images" if images else ""
-    command = (f"python cli.py extract {options} --dataset f8k --data-path {DATA}/f8k{photos} "
-               "--split train,dev,test --out features")
+    """A stage-one row: one ``extract_command``, leaving ``files`` in every split."""
+    command = extract_command(options, images)
     outputs = tuple(f"features/f8k/{split}/{file}" for split in ("train", "dev", "test")
                     for file in files)
     return Row(name, description, (command,), (), outputs)
@@ -174,6 +179,19 @@ def all_rows() -> list[Row]:
                 "tuned from the layer-4 cache at lr ×0.1 (text tail), 3 epochs",
                 "--config configs/f8k_linear.yaml --set optim.epochs=3 --set data.text=minilm_l4 "
                 "--set data.text_source=tail", needs=(EFFNET, MINILM_L4)),
+        Row(TUNED, "MiniLM as `linear-text-tail` tuned it, exported and extracted at its last "
+            "layer (tag minilm_tuned)",
+            (f"python cli.py export-backbone {run_dir('linear-text-tail')}/best.pt --side text "
+             "--out tuned/minilm_l4_linear --overwrite",
+             extract_command("--text-encoder minilm --text-weights tuned/minilm_l4_linear "
+                             "--text-tag minilm_tuned", images=False)),
+            ("linear-text-tail",),
+            tuple(f"features/f8k/{split}/text-minilm_tuned.h5"
+                  for split in ("train", "dev", "test"))),
+        trained("linear-tuned-text", "a new linear head trained on the exported tuned MiniLM's "
+                "cache (frozen), 3 epochs",
+                "--config configs/f8k_linear.yaml --set optim.epochs=3 "
+                "--set data.text=minilm_tuned", needs=(EFFNET, TUNED)),
         trained("vse-hinge", "VSE∞ with its hinge recipe, 4 epochs (lr ×0.1 after 3)",
                 '--config configs/f8k_vse.yaml --set optim.epochs=4 --set "optim.milestones=[3]"'),
         trained("vse-infonce", "VSE∞ with InfoNCE, the config (3 epochs)",
