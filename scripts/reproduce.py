@@ -29,6 +29,7 @@ EFFNET = "cache-effnet-minilm"
 DINOV2 = "cache-dinov2"
 MINILM_L4 = "cache-minilm-l4"
 TUNED = "cache-minilm-tuned"
+EFFNET_L3 = "cache-effnet-l3"
 LINEAR_TOP100 = "--rerank-topk 100 --shortlist runs/f8k_linear/best.pt"
 ONE_EPOCH = '--set optim.epochs=1 --set "optim.milestones=[1]"'
 BATCH32 = "--set optim.batch_size=32 --set optim.lr=3.0e-4"
@@ -188,6 +189,18 @@ def all_rows() -> list[Row]:
             ("linear-text-tail",),
             tuple(f"features/f8k/{split}/text-minilm_tuned.h5"
                   for split in ("train", "dev", "test"))),
+        extraction(EFFNET_L3, "EfficientNet-Lite0 image caches at stage 3 (tag "
+                   "efficientnet_lite0_l3: 14 x 14 x 112), for image tails",
+                   "--backbone efficientnet_lite0 --layer 3 --tag efficientnet_lite0_l3",
+                   ("image-efficientnet_lite0_l3.h5",)),
+        trained("linear-1epoch", "the linear head (InfoNCE), one epoch: the frozen reference of "
+                "`linear-image-tail`", f"--config configs/f8k_linear.yaml {ONE_EPOCH}"),
+        trained("linear-image-tail", "the linear head with EfficientNet-Lite0's last two stages "
+                "and head conv (blocks.5, blocks.6, conv_head, bn2; BatchNorm frozen) tuned from "
+                "the stage-3 cache at lr ×0.1 (image tail), one epoch",
+                f"--config configs/f8k_linear.yaml {ONE_EPOCH} "
+                "--set data.image=efficientnet_lite0_l3 --set data.image_source=tail",
+                needs=(EFFNET, EFFNET_L3)),
         trained("linear-tuned-text", "a new linear head trained on the exported tuned MiniLM's "
                 "cache (frozen), 3 epochs",
                 "--config configs/f8k_linear.yaml --set optim.epochs=3 "
