@@ -1,8 +1,8 @@
 """Command line of the toolkit: ``cli extract``, ``cli train-head``, ``cli eval``, ...
 
 The commands live beside the code they drive (``extract/commands.py``, ``cache/commands.py``,
-``heads/commands.py``); this module only groups them. Errors the user can fix (``InputError``) are
-printed as one line and exit with status 2.
+``heads/commands.py``, ``viz/commands.py``, ``search/commands.py``); this module only groups
+them. Errors the user can fix (``InputError``) are printed as one line and exit with status 2.
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from cache.commands import info  # noqa: E402
 from cache.errors import InputError  # noqa: E402
 from extract.commands import demo_data, extract, import_precomp  # noqa: E402
 from heads.commands import evaluate, export_backbone, train_head  # noqa: E402
+from search.commands import index, search, serve  # noqa: E402
+from viz.commands import explain, plot  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,7 +26,8 @@ def cli() -> None:
     """Cache backbone features once; train and evaluate image-text retrieval heads from them."""
 
 
-for command in (extract, import_precomp, demo_data, info, train_head, evaluate, export_backbone):
+for command in (extract, import_precomp, demo_data, info, train_head, evaluate, export_backbone,
+                plot, explain, index, search, serve):
     cli.add_command(command)
 
 

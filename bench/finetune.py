@@ -8,7 +8,13 @@ Per side, at the same batch and with the same head (``linear``), four training s
 * ``e2e, lower frozen``: the whole backbone from token ids / pixels, its layers up to K under
   ``no_grad`` (the frozen part of an end-to-end run), then the same tail modules + the head: the
   same tuned blocks, trained end to end;
-* ``e2e, all trainable``: every backbone weight trains with the head.
+* ``e2e, all trainable``: every backbone weight trains with the head (``data.<side>_source=e2e``:
+  `heads.sources.BackboneTokens`);
+* ``e2e, checkpointed``: the same with gradient checkpointing (``run.grad_checkpointing``), which
+  trades recomputation for activation memory.
+
+The tail and e2e modes run the sources the trainer runs (`heads.sources.TailTokens`,
+`heads.sources.BackboneTokens`).
 
 Text: MiniLM (offline ``all-minilm-l6-v2``), K = ``--text-layer`` (4 of 6 layers). Image:
 EfficientNet-Lite0 (packaged weights), K = ``--image-layer`` (stage 3: 14 x 14 x 112), 224 px.
@@ -33,6 +39,7 @@ skipped.
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import ctypes.util
 import gc
@@ -48,14 +55,15 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache.batch import TokenBatch  # noqa: E402
+from cache.batch import IdsBatch, PixelBatch, TokenBatch  # noqa: E402
 from cache.device import resolve_device  # noqa: E402
 from cache.errors import InputError  # noqa: E402
 from extract.backbones import create_image_encoder, create_text_encoder  # noqa: E402
-from extract.tails import freeze_batchnorm, tail_of  # noqa: E402
+from extract.tails import tail_of  # noqa: E402
 from heads.base import FeatureSpec, Progress  # noqa: E402
 from heads.losses import build_loss  # noqa: E402
 from heads.registry import build_head  # noqa: E402
+from heads.sources import BackboneTokens, TailTokens  # noqa: E402
 from bench.machine import print_machine  # noqa: E402
 
 Forward = Callable[[], TokenBatch]
@@ -101,24 +109,28 @@ def _cached(tokens: Tensor, mask: Tensor) -> TokenBatch:
     return TokenBatch(tokens, mask)
 
 
-def _through(tail: nn.Module, batch: TokenBatch) -> TokenBatch:
-    """What a tail source hands the head: a feature-map tail gives its own grid, all valid."""
-    tokens = tail(batch.tokens, batch.mask)
-    if tokens.shape[1] != batch.mask.shape[1]:
-        return TokenBatch(tokens, _ones(tokens))
-    return TokenBatch(tokens * batch.mask.unsqueeze(-1).to(tokens.dtype), batch.mask)
+def _trainable(source: nn.Module, checkpointing: bool = False) -> list[nn.Parameter]:
+    """Put a source in train mode (its BatchNorm stays frozen); all its weights train."""
+    source.train().requires_grad_(True)
+    source.set_grad_checkpointing(checkpointing)
+    return list(source.parameters())
 
 
-def _trainable(module: nn.Module) -> list[nn.Parameter]:
-    """Put ``module`` in train mode with BatchNorm frozen; all its weights train."""
-    freeze_batchnorm(module.train().requires_grad_(True))
-    return list(module.parameters())
+def _e2e_modes(encoder: nn.Module, batch: IdsBatch | PixelBatch) -> list[Mode]:
+    """The whole backbone trained with the head, without and with gradient checkpointing (two
+    copies of the weights: one source each)."""
+    modes = []
+    for name, checkpointing in (("e2e, all trainable", False), ("e2e, checkpointed", True)):
+        source = BackboneTokens(copy.deepcopy(encoder))
+        modes.append(Mode(name, lambda source=source: source(batch),
+                          _trainable(source, checkpointing)))
+    return modes
 
 
 def text_side(batch: int, layer: int, device: torch.device) -> Side:
     """MiniLM: random captions of 12-20 tokens; tail = layers K..5."""
     split = create_text_encoder("minilm", layer=layer)   # lower layers + tail: the model split
-    tail = tail_of(split, "minilm").to(device)
+    tail = TailTokens(tail_of(split, "minilm")).to(device)
     lower = split.model.to(device)
     lower.encoder.layer = lower.encoder.layer[:layer]     # its last_hidden_state: layer K
     full = create_text_encoder("minilm").to(device)
@@ -138,23 +150,20 @@ def text_side(batch: int, layer: int, device: torch.device) -> Side:
     def frozen_lower() -> TokenBatch:
         with torch.no_grad():
             states = lower(input_ids=ids, attention_mask=attention).last_hidden_state
-        return _through(tail, TokenBatch(states, mask))
-
-    def whole() -> TokenBatch:
-        return TokenBatch(full(ids, attention), mask)
+        return tail(TokenBatch(states, mask))
 
     return Side("text", (IMAGE_SPEC, TEXT_SPEC), _other(IMAGE_SPEC, batch, device), [
         Mode("cache", lambda: cached, []),
-        Mode(f"tail (layers {layer}..)", lambda: _through(tail, at_k), list(tail.parameters())),
+        Mode(f"tail (layers {layer}..)", lambda: tail(at_k), _trainable(tail)),
         Mode("e2e, lower frozen", frozen_lower, list(tail.parameters())),
-        Mode("e2e, all trainable", whole, _trainable(full)),
+        *_e2e_modes(full, IdsBatch(ids, mask)),
     ])
 
 
 def image_side(batch: int, layer: int, device: torch.device) -> Side:
     """EfficientNet-Lite0 at 224 px: random pixels; tail = what runs after stage K."""
     lower = create_image_encoder("efficientnet_lite0", layer=layer).to(device)
-    tail = tail_of(lower, "efficientnet_lite0")     # the modules after K of the same model
+    tail = TailTokens(tail_of(lower, "efficientnet_lite0"))  # the modules after K of that model
     full = create_image_encoder("efficientnet_lite0").to(device)
     generator = torch.Generator().manual_seed(0)
     pixels = (torch.rand(batch, 3, 224, 224, generator=generator) * 2 - 1).to(device)
@@ -167,18 +176,13 @@ def image_side(batch: int, layer: int, device: torch.device) -> Side:
     def frozen_lower() -> TokenBatch:
         with torch.no_grad():
             states = lower(pixels)
-        return _through(tail, TokenBatch(states, _ones(states)))
-
-    def whole() -> TokenBatch:
-        tokens = full(pixels)
-        return TokenBatch(tokens, _ones(tokens))
+        return tail(TokenBatch(states, _ones(states)))
 
     return Side("image", (IMAGE_SPEC, TEXT_SPEC), _other(TEXT_SPEC, batch, device), [
         Mode("cache", lambda: cached, []),
-        Mode(f"tail (after stage {layer})", lambda: _through(tail, at_k),
-             list(tail.parameters())),
+        Mode(f"tail (after stage {layer})", lambda: tail(at_k), _trainable(tail)),
         Mode("e2e, lower frozen", frozen_lower, list(tail.parameters())),
-        Mode("e2e, all trainable", whole, _trainable(full)),
+        *_e2e_modes(full, PixelBatch(pixels)),
     ])
 
 
@@ -301,13 +305,16 @@ def report(side: Side, results: list[tuple[Mode, float, float]]) -> None:
     for mode, seconds, peak in results:
         weights = sum(p.numel() for p in mode.trained)
         print(f"  {mode.name:<27}{seconds:>9.3f}{1 / seconds:>9.2f}{peak:>10.1f}{weights:>17,}")
-    (_, cache, cache_mb), (_, tail, tail_mb), (_, lower, lower_mb), (_, full, full_mb) = results
+    ((_, cache, cache_mb), (_, tail, tail_mb), (_, lower, lower_mb), (_, full, full_mb),
+     (_, checkpointed, checkpointed_mb)) = results
     print(f"  ratio tail / e2e (lower frozen, same tuned blocks): s/step {tail / lower:.2g} "
           f"(speed-up {lower / tail:.1f}x), peak memory {_ratio(tail_mb, lower_mb)}")
     print(f"  ratio tail / e2e (all trainable): s/step {tail / full:.2g} (speed-up "
           f"{full / tail:.1f}x), peak memory {_ratio(tail_mb, full_mb)}")
     print(f"  ratio cache / tail: s/step {cache / tail:.2g}, peak memory "
-          f"{_ratio(cache_mb, tail_mb)}", flush=True)
+          f"{_ratio(cache_mb, tail_mb)}")
+    print(f"  ratio e2e checkpointed / all trainable: s/step {checkpointed / full:.2g}, peak "
+          f"memory {_ratio(checkpointed_mb, full_mb)}", flush=True)
 
 
 def _ratio(a: float, b: float) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -51,48 +51,69 @@ def token_batches(cache: ImageCache | TextCache, batch_size: int,
 # ------------------------------------------------------------------------------ epoch order
 
 
+def one_caption_per_image(caption_image: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """One caption row per image (image order), drawn uniformly among the image's captions with
+    a generator seeded by (seed, epoch)."""
+    caption_image = np.asarray(caption_image, np.int64)
+    by_image = np.argsort(caption_image, kind="stable")
+    counts = np.bincount(caption_image)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    pick = np.random.default_rng([seed, epoch, 1]).integers(0, counts)
+    return by_image[starts + pick]
+
+
 def caption_batches(num_captions: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                    world_size: int = 1) -> list[np.ndarray]:
+                    world_size: int = 1, caption_image: np.ndarray | None = None) -> list[np.ndarray]:
     """Caption rows of each batch of one epoch, for one rank.
 
-    The global order is a permutation seeded by (seed, epoch), cut into global batches of
-    ``batch_size`` captions; the last incomplete batch is dropped (as the references do). With
-    several ranks, rank ``r`` takes the ``r``-th contiguous slice of each global batch, so the ranks
-    together see exactly the batches one process with the same global batch size sees.
+    The global order is a permutation seeded by (seed, epoch) of every caption, or, with
+    ``caption_image`` (an epoch over images), of one caption per image
+    (`one_caption_per_image`); it is cut into global batches of ``batch_size`` captions and the
+    last incomplete batch is dropped (as the references do). With several ranks, rank ``r`` takes
+    the ``r``-th contiguous slice of each global batch, so the ranks together see exactly the
+    batches one process with the same global batch size sees.
     """
     if batch_size % world_size:
         raise InputError(f"the global batch size {batch_size} is not divisible by the "
                          f"{world_size} processes")
-    if num_captions < batch_size:
-        raise InputError(f"the training split has {num_captions} captions, fewer than one batch "
+    rows = (np.arange(num_captions) if caption_image is None
+            else one_caption_per_image(caption_image, seed, epoch))
+    unit = "captions" if caption_image is None else "images"
+    if len(rows) < batch_size:
+        raise InputError(f"the training split has {len(rows)} {unit}, fewer than one batch "
                          f"of {batch_size}; lower optim.batch_size")
-    order = np.random.default_rng([seed, epoch]).permutation(num_captions)
+    order = rows[np.random.default_rng([seed, epoch]).permutation(len(rows))]
     local = batch_size // world_size
-    steps = num_captions // batch_size
+    steps = len(rows) // batch_size
     return [order[s * batch_size + rank * local:s * batch_size + (rank + 1) * local]
             for s in range(steps)]
 
 
 class EpochBatches(torch.utils.data.Sampler):
-    """Sampler of ``(epoch, caption rows)`` items for a DataLoader with ``batch_size=None``.
+    """Sampler of ``(epoch, caption rows)`` items for a DataLoader with ``batch_size=None``; with
+    ``caption_image``, an epoch visits every image once (one random caption each) instead of
+    every caption.
 
     Call ``set_epoch`` before iterating; iteration order depends only on (seed, epoch, rank)."""
 
     def __init__(self, num_captions: int, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, caption_image: np.ndarray | None = None) -> None:
         self.num_captions, self.batch_size, self.seed = num_captions, batch_size, seed
         self.rank, self.world_size, self.epoch = rank, world_size, 0
-        caption_batches(num_captions, batch_size, seed, 0, rank, world_size)  # validate early
+        self.caption_image = caption_image
+        self.num_items = num_captions if caption_image is None else int(np.max(caption_image)) + 1
+        caption_batches(num_captions, batch_size, seed, 0, rank, world_size,
+                        caption_image)  # validate early
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.num_captions // self.batch_size
+        return self.num_items // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
         for rows in caption_batches(self.num_captions, self.batch_size, self.seed, self.epoch,
-                                    self.rank, self.world_size):
+                                    self.rank, self.world_size, self.caption_image):
             yield self.epoch, rows
 
 
@@ -269,13 +290,18 @@ class PairBatches(torch.utils.data.Dataset):
     and the image row of each caption ``[B]`` (for same-image masking in the loss). Row ``i`` of the
     images is the image of caption ``i``. ``float32=True`` converts the tokens in the loader (worker
     processes when there are some): what a CPU run wants; a GPU run moves fp16 and converts there.
+    A side with a ``readers`` entry (``{"image": r}``) reads its batch with
+    ``r.read(rows, epoch)`` instead (an end-to-end side: photos or word-piece ids, see
+    ``heads.raw_inputs``); its cached tokens are not read.
     """
 
     def __init__(self, images: ImageCache, texts: TextCache, seed: int = 0,
                  image_drop: float = 0.0, text_drop: float = 0.0, preload: str = "none",
-                 device: torch.device | None = None, float32: bool = False) -> None:
+                 device: torch.device | None = None, float32: bool = False,
+                 readers: dict[str, Any] | None = None) -> None:
         check_pairing(images, texts)
         self.images, self.texts, self.seed = images, texts, seed
+        self.readers = {side: r for side, r in (readers or {}).items() if r is not None}
         self.image_drop = TokenDrop(image_drop, images.attrs.prefix_tokens, images.attrs.suffix_tokens)
         self.text_drop = TokenDrop(text_drop, texts.attrs.prefix_tokens, texts.attrs.suffix_tokens)
         if preload == "none":
@@ -303,8 +329,14 @@ class PairBatches(torch.utils.data.Dataset):
             image_lengths, (*keys, _SIDE["image"], rows), int(image_lengths.max(initial=1)))
         txt_order, txt_len = self.text_drop.keep_order(
             text_lengths, (*keys, _SIDE["text"], rows), int(text_lengths.max(initial=1)))
-        images = _gather(*self.table.images(image_rows), img_order, img_len, self.dtype)
-        texts = _gather(*self.table.texts(rows), txt_order, txt_len, self.dtype)
+        if "image" in self.readers:
+            images = self.readers["image"].read(image_rows, epoch)
+        else:
+            images = _gather(*self.table.images(image_rows), img_order, img_len, self.dtype)
+        if "text" in self.readers:
+            texts = self.readers["text"].read(rows, epoch)
+        else:
+            texts = _gather(*self.table.texts(rows), txt_order, txt_len, self.dtype)
         return images, texts, torch.from_numpy(image_rows)
 
 

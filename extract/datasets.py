@@ -15,7 +15,8 @@ A split lives in ``data_path`` as three files:
 PIL in DataLoader workers. Every problem a user can fix raises `InputError` with one line naming the
 file and line or row. Decoding is strict: truncated files fail (``LOAD_TRUNCATED_IMAGES`` is never
 set), every mode (grayscale, 16-bit, CMYK, palette, alpha) becomes RGB (transparency composited on
-white), and EXIF orientation is not applied (as in the reference pipelines).
+white), and the EXIF orientation tag of phone photos is applied (`PIL.ImageOps.exif_transpose`), so
+a portrait photo is decoded upright.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cache.errors import InputError
 
@@ -188,11 +189,12 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image fully and convert it to RGB; `ImageDecodeError` names the file on failure."""
+    """Decode an image fully, turn it upright by its EXIF orientation and convert it to RGB;
+    `ImageDecodeError` names the file on failure."""
     try:
         with Image.open(path) as image:
             image.load()
-            return _to_rgb(image)
+            return _to_rgb(ImageOps.exif_transpose(image))
     except FileNotFoundError:
         raise ImageDecodeError(f"{path}: image file not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:

@@ -41,6 +41,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from extract.encoders import ImageEncoder, TextEncoder, TokenLayout
+from extract.recorded import recorded_encoder
 from extract.timm_backbones import flatten_grid, token_layout, with_mean_token
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -67,6 +68,7 @@ class Tail(nn.Module):
         self.blocks = nn.ModuleDict({str(i): block for i, block in blocks.items()})
         self.norm = norm
         self.mask_config = mask_config
+        self.checkpointing = False       # recompute block activations in backward (training)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Final states ``[B, T, D]`` from layer-K states ``[B, T, D]`` (``mask``: True = valid)."""
@@ -76,7 +78,8 @@ class Tail(nn.Module):
                 config=self.mask_config, inputs_embeds=tokens, attention_mask=mask,
                 allow_is_bidirectional_skip=False)
         for block in self.blocks.values():
-            tokens = block(tokens) if attention is None else block(tokens, attention)
+            args = (tokens,) if attention is None else (tokens, attention)
+            tokens = _run(block, args, self.checkpointing and self.training)
         return self.norm(tokens)
 
 
@@ -101,19 +104,28 @@ class StageTail(nn.Module):
         self.order = [name for name, _ in modules]
         self.grid = grid
         self.layout = layout
+        self.checkpointing = False       # recompute stage activations in backward (training)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Final tokens ``[B, layout.num_tokens, layout.dim]`` from layer-K tokens
         ``[B, 1 + H * W, C]``; ``mask`` is not read (image caches have no padding)."""
         features = tokens[:, 1:].transpose(1, 2).unflatten(2, self.grid).contiguous()
         for name in self.order:
-            features = self.get_submodule(name)(features)
+            features = _run(self.get_submodule(name), (features,),
+                            self.checkpointing and self.training)
         return with_mean_token(flatten_grid(features))
 
     def train(self, mode: bool = True) -> StageTail:
         super().train(mode)
         freeze_batchnorm(self)
         return self
+
+
+def _run(module: nn.Module, args: tuple[Any, ...], checkpoint: bool) -> torch.Tensor:
+    """``module(*args)``, its activations recomputed in the backward pass when ``checkpoint``."""
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
 
 
 AnyTail = Tail | StageTail
@@ -152,28 +164,13 @@ def tail_from_cache(cache: ImageCache | TextCache) -> AnyTail:
 
     InputError naming the cache: a last-layer cache, an encoder without a tail, weights that cannot
     be loaded or that do not hash to the cache's ``weights_hash``."""
-    from extract.backbones import create_image_encoder, create_text_encoder
-
     attrs, where = cache.attrs, cache.path
     if attrs.layer < 0:
         raise InputError(f"{where}: written at the backbone's last layer (layer {attrs.layer}); a "
                          "tail needs a cache of an intermediate layer K (cli extract --layer K or "
                          "--text-layer K)")
     _check_has_tail(attrs.encoder, str(where))
-    try:
-        if attrs.modality == "image":
-            encoder = create_image_encoder(attrs.encoder, attrs.weights_id, attrs.layer,
-                                           attrs.resolution)
-        else:
-            encoder = create_text_encoder(attrs.encoder, attrs.weights_id, attrs.layer,
-                                          attrs.num_tokens)
-    except InputError as err:
-        raise InputError(f"{where}: cannot load the backbone for its tail: {err}") from err
-    if encoder.weights_hash != attrs.weights_hash:
-        raise InputError(f"{where}: the weights {attrs.weights_id} hash to {encoder.weights_hash}, "
-                         f"but the cache was written with weights {attrs.weights_hash}; they "
-                         "changed since extraction (restore them or extract again)")
-    return tail_of(encoder, str(where))
+    return tail_of(recorded_encoder(attrs.modality, attrs, str(where)), str(where))
 
 
 def tail_of(encoder: Encoder, where: str) -> AnyTail:

@@ -12,7 +12,9 @@ unchanged). The kind of each side's source is the config's ``data.<side>_source`
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass
 import random
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from cache.store import CacheAttrs
 from heads.registry import build_head
 from heads.base import FeatureSpec, Head
 from heads.config import longest_prefix
-from heads.sources import SIDES, RetrievalModel, TokenSource, build_source
+from heads.sources import SIDES, RetrievalModel, SourceOptions, TokenSource, build_source
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
@@ -117,13 +119,27 @@ def source_kinds(state: dict[str, Any]) -> dict[str, str]:
     return {side: data.get(f"{side}_source", "cache") for side in SIDES}
 
 
-def model_from_checkpoint(state: dict[str, Any], image_cache: Any,
-                          text_cache: Any) -> RetrievalModel:
+@dataclass(frozen=True)
+class RecordedCache:
+    """What `model_from_checkpoint` needs of a cache, without rows: the attributes its backbone
+    writes and a ``path`` naming what it stands for in messages (one photo, a query, an index)."""
+
+    attrs: CacheAttrs
+    path: str | Path
+
+
+def model_from_checkpoint(state: dict[str, Any], image_cache: Any, text_cache: Any,
+                          photos: str | Path | None = None) -> RetrievalModel:
     """The head of a checkpoint behind its token sources, for ``image_cache`` / ``text_cache``
-    (checked against the run's caches): a tail is rebuilt from the backbone of its cache (the same
-    weights, by hash) and gets the run's tuned weights. On the CPU."""
+    (checked against the run's caches): a tail or e2e source is rebuilt from the backbone of its
+    cache (the same weights, by hash) and gets the run's tuned weights. An e2e image side reads
+    the photos from ``photos`` (default: the folder the image cache records). On the CPU."""
     caches = {"image": image_cache, "text": text_cache}
-    sources = {side: build_source(kind, caches[side]) for side, kind in source_kinds(state).items()}
+    options = dataclasses.replace(SourceOptions.from_config(state["config"]),
+                                  images_root=None if photos is None else str(photos),
+                                  grad_checkpointing=False)
+    sources = {side: build_source(kind, caches[side], options)
+               for side, kind in source_kinds(state).items()}
     head = head_from_checkpoint(state, image_cache, text_cache, sources)
     model = RetrievalModel(head, **{f"{side}_source": s for side, s in sources.items()})
     model.load_tuned_states(state.get("sources", {}), state.get("path", "checkpoint"))

@@ -136,6 +136,9 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 @click.option("--split", help="Split under the checkpoint's feature tree (default: its test split).")
 @click.option("--images", type=click.Path(dir_okay=False), help="Image cache (instead of --split).")
 @click.option("--texts", type=click.Path(dir_okay=False), help="Text cache (instead of --split).")
+@click.option("--photos", type=click.Path(file_okay=False),
+              help="Folder of the split's photos, for a run whose image side is e2e (default: "
+                   "the folder its image cache records).")
 @click.option("--protocol", type=click.Choice(["full", "coco5k", "coco1k"]),
               help="Evaluation protocol (default: the checkpoint's eval.protocol).")
 @click.option("--save-sims", type=click.Path(dir_okay=False),
@@ -160,7 +163,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
               help="One gallery of the split's first N images and their captions (protocol "
                    "full): the gallery eval.dev_images selects on.")
 def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str | None,
-             protocol: str | None, save_sims: str | None, json_out: str | None, device: str,
+             photos: str | None, protocol: str | None, save_sims: str | None, json_out: str | None, device: str,
              batch_size: int | None, rerank_topk: str | None, coarse_checkpoint: str | None,
              coarse_mode: str | None, fine_mode: str | None, fuse_weight: float,
              max_images: int | None) -> None:
@@ -178,7 +181,7 @@ def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str 
     state = load_checkpoint(checkpoint)
     image_cache, text_cache, split = open_eval_caches(state, split, images, texts)
     torch_device = resolve_device(device)
-    model = model_from_checkpoint(state, image_cache, text_cache).to(torch_device)
+    model = model_from_checkpoint(state, image_cache, text_cache, photos).to(torch_device)
     eval_cfg = state["config"]["eval"]
     run = EvalRun(checkpoint=checkpoint, state=state, model=model, image_cache=image_cache,
                   text_cache=text_cache, split=split, device=torch_device,

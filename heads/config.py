@@ -16,10 +16,13 @@ Feature caches live at ``<data.features>/<data.dataset>/<split>/<modality>-<tag>
 ``data.image`` / ``data.text``; relative paths are relative to the working directory.
 
 ``data.image_source`` / ``data.text_source`` (``heads.sources``): ``cache`` reads the cached tokens;
-``tail`` runs a layer-K cache through the backbone's blocks after K, trained with the head. A tail
-side's parameters are named ``<side>_source.*`` in ``optim.lr_mult``; without an entry for that
-prefix it gets ``TAIL_LR_MULT`` (x0.1, the references' BERT / ViT multiplier), written into the
-resolved config.
+``tail`` runs a layer-K cache through the backbone's blocks after K, ``e2e`` the photos / captions
+through the whole backbone, both trained with the head. A tuned side's parameters are named
+``<side>_source.*`` in ``optim.lr_mult``; without an entry for that prefix it gets
+``TAIL_LR_MULT`` (x0.1, the references' BERT / ViT multiplier; VSE∞ tunes CNNs at x0.01: set it),
+written into the resolved config. ``data.<side>_backbone`` names a tuned side's backbone
+(``BACKBONE_KEYS``); the trainer fills it from the train cache and refuses caches that differ from
+what a config sets there.
 """
 from __future__ import annotations
 
@@ -48,8 +51,16 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "image_token_drop": 0.2,      # VSE∞ region drop; prefix tokens (CLS) never dropped
         "text_token_drop": 0.1,       # feature-level substitute for word deletion; [CLS]/[SEP] kept
         "num_workers": 0,             # DataLoader workers (each reopens the memmaps)
-        "image_source": "cache",      # cache | tail: the cached tokens, or a layer-K cache through
-        "text_source": "cache",       # the backbone's blocks after K, tuned with the head
+        "image_source": "cache",      # cache | tail | e2e: the cached tokens, a layer-K cache through
+        "text_source": "cache",       # the backbone's blocks after K, or the photos / captions
+                                      # through the whole backbone; tail and e2e tune with the head
+        "image_backbone": None,       # a tuned side's backbone {encoder, weights_id, weights_hash,
+        "text_backbone": None,        # layer}: filled from the train cache; set keys must match it
+        "images_root": None,          # e2e: folder of the photos (None: as recorded in the cache)
+        "crop_scale": [0.6, 1.0],     # e2e: RandomResizedCrop scale range (+ horizontal flip)
+        "text_augment": 0.2,          # e2e: probability of perturbing a caption word (VSE∞)
+        "epoch_over": "auto",         # captions | images (one random caption each) | auto: images
+                                      # when the image side is e2e (a photo decoded once an epoch)
     },
     "head": {"name": None},           # + the head's constructor options
     "loss": {"name": "hinge"},        # + the loss's options (heads.losses.loss_options)
@@ -64,6 +75,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "warmup_steps": 0,            # linear warm-up of the lr over the first steps
         "grad_clip": 2.0,             # global gradient norm; 0 = off
         "lr_mult": {},                # parameter-name prefix -> lr multiplier (longest prefix wins)
+        "layer_decay": 1.0,           # tuned backbone blocks: lr x decay^(depth from the top); 1 = off
+        "backbone_frozen_epochs": 0,  # tuned sides train from this epoch on (VSE∞
+                                      # embedding_warmup_epochs); their weights stay in the optimiser
     },
     "eval": {
         "protocol": "full",           # full | coco5k | coco1k (dev during training, default of eval)
@@ -90,10 +104,14 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "find_unused_parameters": True,  # DDP: heads may leave inference-only parameters unused
         "ddp_gather": "auto",         # DDP: auto | encodings | inputs (heads.train.gather_mode)
         "sync_batchnorm": True,       # DDP on CUDA: BatchNorm statistics over the global batch
+        "grad_checkpointing": False,  # tuned blocks recompute activations in backward (memory)
     },
 }
 OPEN_SECTIONS = ("head", "loss")      # options checked against the head / loss registries
-OPEN_MAPPINGS = (("optim", "lr_mult"), ("init", "rename"))
+OPEN_MAPPINGS = (("optim", "lr_mult"), ("init", "rename"), ("data", "image_backbone"),
+                 ("data", "text_backbone"))
+BACKBONE_KEYS = ("encoder", "weights_id", "weights_hash", "layer")
+EPOCH_OVER = ("auto", "captions", "images")
 PRELOAD = ("none", "ram", "device", "auto")
 PROTOCOLS = ("full", "coco5k", "coco1k")
 OPTIMIZERS = ("adamw", "adam")
@@ -307,6 +325,24 @@ def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
     _check_choice(out, "eval", "protocol", PROTOCOLS, source)
     _check_choice(out, "optim", "name", OPTIMIZERS, source)
     _check_choice(out, "run", "ddp_gather", DDP_GATHER, source)
+    _check_choice(out, "data", "epoch_over", EPOCH_OVER, source)
+    for side in SIDES:
+        named = out["data"][f"{side}_backbone"] or {}
+        unknown = sorted(set(named) - set(BACKBONE_KEYS))
+        if unknown:
+            raise InputError(f"{source}: 'data.{side}_backbone' has unknown keys {unknown}; "
+                             f"known: {', '.join(BACKBONE_KEYS)}")
+    scale = out["data"]["crop_scale"]
+    if (len(scale) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                   for v in scale) or not 0 < scale[0] <= scale[1] <= 1):
+        raise InputError(f"{source}: 'data.crop_scale' must be [low, high] with "
+                         f"0 < low <= high <= 1, got {scale!r}")
+    if not 0.0 <= out["data"]["text_augment"] < 1.0:
+        raise InputError(f"{source}: 'data.text_augment' must be in [0, 1), got "
+                         f"{out['data']['text_augment']}")
+    if not 0.0 < out["optim"]["layer_decay"] <= 1.0:
+        raise InputError(f"{source}: 'optim.layer_decay' must be in (0, 1], got "
+                         f"{out['optim']['layer_decay']}")
     for side in SIDES:
         _check_choice(out, "data", f"{side}_source", SOURCE_KINDS, source)
         if out["data"][f"{side}_source"] != "cache":
@@ -317,6 +353,7 @@ def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
             raise InputError(f"{source}: 'data.{key}' must be in [0, 1), got {out['data'][key]}")
     for section, key, least in (("optim", "epochs", 1), ("optim", "batch_size", 1),
                                 ("optim", "warmup_steps", 0), ("run", "log_every", 1),
+                                ("optim", "backbone_frozen_epochs", 0),
                                 ("run", "threads", 0), ("data", "num_workers", 0)):
         if out[section][key] < least:
             raise InputError(f"{source}: '{section}.{key}' must be at least {least}")

@@ -1,12 +1,14 @@
-"""``cli export-backbone``: the backbone a tail run tuned, written as weights ``cli extract`` loads.
+"""``cli export-backbone``: the backbone a tail or e2e run tuned, written as weights ``cli extract``
+loads.
 
 A run with ``data.<side>_source: tail`` keeps in its checkpoint only what it tuned: the blocks of
 that side's backbone after the cache's layer K and the final norm (``sources[side]``, the state of
-a `heads.sources.TailTokens`). `export_backbone` rebuilds the whole backbone from the original
-weights the run's layer-K cache names (its ``weights_id``; they must still hash to the run's
-``weights_hash``), loads the tuned state into its tail, which is made of the backbone's own modules
-(`extract.tails.tail_of`, checked tensor by tensor), and writes the result in the form
-``cli extract --weights`` loads for that backbone:
+a `heads.sources.TailTokens`); an ``e2e`` run keeps the whole backbone (a
+`heads.sources.BackboneTokens`). `export_backbone` rebuilds the whole backbone from the original
+weights the run's cache names (its ``weights_id``; they must still hash to the run's
+``weights_hash``), loads the tuned state into its tuned part, which is made of the backbone's own
+modules (checked tensor by tensor), and writes the result in the form ``cli extract --weights``
+loads for that backbone:
 
 - transformers models (``bert``, ``minilm``, ``dinov2``, ``vit``): ``save_pretrained``, with the
   tokenizer for a text model; ``cli extract --text-encoder E --text-weights OUT`` or
@@ -14,12 +16,13 @@ weights the run's layer-K cache names (its ``weights_id``; they must still hash 
 - timm models (``--backbone timm``): a timm model folder as ``timm.models.save_for_hf`` writes it
   (``config.json`` + ``model.safetensors``), at the model's own input size (never resized to the
   cache's resolution); ``cli extract --backbone timm --weights OUT``. EfficientNet-Lite0 runs on
-  timm and would be written the same way (``--backbone timm``; not tested while CNN tails are not
-  a token source yet).
+  timm and is written the same way (``--backbone timm``).
 
-Every tensor below layer K is the original's, every tensor of the tail the tuned one. Beside the
+Every tensor a tail run did not tune (below layer K) is the original's, every tuned tensor the
+run's. Beside the
 weights, ``conversion.json`` (`extract.weights.NOTE_FILE`) records where they come from; its
-``description`` ("tuned by CHECKPOINT, tail from layer K, epoch E; from weights ID") becomes the
+``description`` ("tuned by CHECKPOINT, tail from layer K, epoch E; from weights ID"; an e2e run: "whole
+backbone (e2e)") becomes the
 ``weights_note`` of every cache extracted from the folder, and ``cli info`` prints it.
 
 The folder is written under a hidden temporary name beside OUT (``.OUT.export-PID``) and renamed
@@ -42,7 +45,7 @@ from cache.progress import no_loading_bar_off_a_terminal
 from extract.encoders import ImageEncoder, TextEncoder
 from extract.weights import NOTE_FILE, state_dict_hash
 from heads.checkpoint import load_checkpoint, source_kinds
-from heads.sources import SIDES, TailTokens
+from heads.sources import SIDES, BackboneTokens, TailTokens, TokenSource
 
 Encoder = ImageEncoder | TextEncoder
 
@@ -61,7 +64,7 @@ class ExportedBackbone:
 
 def export_backbone(checkpoint: str | Path, side: str, out: str | Path,
                     overwrite: bool = False) -> ExportedBackbone:
-    """Write the ``side`` backbone tuned by the tail run of ``checkpoint`` to the folder ``out``
+    """Write the ``side`` backbone tuned by the tail or e2e run of ``checkpoint`` to ``out``
     (see the module docstring). InputError naming the file: ``out`` exists and is not empty (without
     ``overwrite``) or is a file, the checkpoint did not tune ``side``, the original weights are
     missing or changed, or the backbone has no export form."""
@@ -71,15 +74,17 @@ def export_backbone(checkpoint: str | Path, side: str, out: str | Path,
     _check_out(out, overwrite)
     state = load_checkpoint(checkpoint)
     kind = source_kinds(state)[side]
-    if kind != "tail" or side not in state.get("sources", {}):
+    if kind not in _TUNED or side not in state.get("sources", {}):
         tuned = sorted(state.get("sources", {})) or "none"
         raise InputError(f"{checkpoint}: the {side} side of this run was not tuned "
                          f"(data.{side}_source is {kind!r}; tuned sides: {tuned}); only a tail "
-                         "side has a backbone to export")
+                         "or e2e side has a backbone to export")
     features = state["features"][side]
-    encoder = _original_encoder(checkpoint, side, features)
+    source_of, what = _TUNED[kind]
+    encoder = _original_encoder(checkpoint, side, features, kind)
     _refuse_replacing(out, [checkpoint, Path(encoder.weights_id)])
-    tuned = _load_tuned(checkpoint, side, encoder, state["sources"][side])
+    tuned = _load_tuned(checkpoint, side, source_of(encoder, str(checkpoint)),
+                        encoder, state["sources"][side])
     write = _writer(checkpoint, side, encoder)
     form = "timm" if write is _write_timm else features["encoder"]
     option = (f"--text-encoder {form} --text-weights" if side == "text" else
@@ -87,13 +92,14 @@ def export_backbone(checkpoint: str | Path, side: str, out: str | Path,
     extract = f"{option} {out}" + ("" if side == "text" else
                                     f" --resolution {features['resolution']}")
     original = encoder.weights_id + (f" ({encoder.weights_note})" if encoder.weights_note else "")
-    description = (f"tuned by {checkpoint.resolve()}, tail from layer {features['layer']}, "
+    description = (f"tuned by {checkpoint.resolve()}, {what.format(**features)}, "
                    f"epoch {state['epoch']}; from weights {original}")
     note = {
         "description": description,
         "tuned_by": str(checkpoint.resolve()),
         "side": side,
         "encoder": features["encoder"],
+        "source": kind,
         "layer": features["layer"],
         "epoch": state["epoch"],
         "dev": state.get("dev", {}),
@@ -117,13 +123,29 @@ def export_backbone(checkpoint: str | Path, side: str, out: str | Path,
 # ------------------------------------------------------------------------------------- the model
 
 
-def _original_encoder(checkpoint: Path, side: str, features: dict[str, Any]) -> Encoder:
+def _tail_source(encoder: Encoder, where: str) -> TokenSource:
+    from extract.tails import tail_of
+
+    return TailTokens(tail_of(encoder, where))
+
+
+_TUNED: dict[str, tuple[Callable[[Encoder, str], TokenSource], str]] = {
+    "tail": (_tail_source, "tail from layer {layer}"),
+    "e2e": (lambda encoder, where: BackboneTokens(encoder), "whole backbone (e2e)"),
+}
+"""Per source kind: the source a run's tuned state loads into (made of the encoder's modules), and
+how the provenance note says what was tuned."""
+
+
+def _original_encoder(checkpoint: Path, side: str, features: dict[str, Any],
+                      kind: str) -> Encoder:
     """The run's backbone with its original weights, loaded as ``cli extract`` loads it, at the
-    run's layer K; InputError naming the checkpoint and the weights when they are missing or no
-    longer hash to the run's ``weights_hash``."""
+    run's layer K (a tail) or its last layer (e2e); InputError naming the checkpoint and the
+    weights when they are missing or no longer hash to the run's ``weights_hash``."""
     from extract.backbones import create_image_encoder, create_text_encoder
 
-    name, weights, layer = features["encoder"], features["weights_id"], features["layer"]
+    name, weights = features["encoder"], features["weights_id"]
+    layer = features["layer"] if kind == "tail" else -1
     try:
         if side == "image":
             # timm resizes a ViT's position embeddings to a resolution other than its own, and the
@@ -133,7 +155,7 @@ def _original_encoder(checkpoint: Path, side: str, features: dict[str, Any]) -> 
         else:   # the caption length plays no part in the weights; 2 fits every model
             encoder = create_text_encoder(name, weights, layer, max_length=2)
     except InputError as err:
-        raise InputError(f"{checkpoint}: cannot load the original {side} backbone of its tail "
+        raise InputError(f"{checkpoint}: cannot load the original {side} backbone it tuned "
                          f"({name}, weights {weights}): {err}") from err
     if encoder.weights_hash != features["weights_hash"]:
         raise InputError(f"{checkpoint}: the original {side} weights {weights} hash to "
@@ -142,24 +164,21 @@ def _original_encoder(checkpoint: Path, side: str, features: dict[str, Any]) -> 
     return encoder
 
 
-def _load_tuned(checkpoint: Path, side: str, encoder: Encoder,
+def _load_tuned(checkpoint: Path, side: str, source: TokenSource, encoder: Encoder,
                 tuned_state: dict[str, Any]) -> list[str]:
-    """Load the run's tuned tail state into ``encoder.model`` (in place); returns the model's names
-    of the tensors it replaced. The tail must be made of the model's own tensors."""
-    from extract.tails import tail_of
-
-    source = TailTokens(tail_of(encoder, str(checkpoint)))
+    """Load the run's tuned state into ``source``, made of ``encoder.model``'s modules (so the
+    model changes in place); returns the model's names of the tensors it replaced."""
     owner = {id(tensor): name for name, tensor in encoder.model.state_dict(keep_vars=True).items()}
     names = {}
     for name, tensor in source.state_dict(keep_vars=True).items():
         if id(tensor) not in owner:
-            raise InputError(f"{checkpoint}: the {encoder.name} tail's {name} is not a tensor of "
-                             "its backbone; this backbone cannot be exported yet")
+            raise InputError(f"{checkpoint}: the tuned {encoder.name} part's {name} is not a "
+                             "tensor of its backbone; this backbone cannot be exported yet")
         names[name] = owner[id(tensor)]
     try:
         source.load_state_dict(tuned_state)
     except RuntimeError as exc:
-        raise InputError(f"{checkpoint}: its tuned {side} blocks do not fit the backbone "
+        raise InputError(f"{checkpoint}: its tuned {side} weights do not fit the backbone "
                          f"{encoder.weights_id} ({str(exc).splitlines()[0]})") from exc
     return sorted(names.values())
 

@@ -5,7 +5,15 @@
 * ``cache`` (default): the cached tokens as they are (`CachedTokens`, no weights);
 * ``tail``: the tokens of a cache written at an intermediate layer K, run through the backbone's
   blocks after K and its final norm (`TailTokens` over `extract.tails.tail_from_cache`), which are
-  trained with the head; the frozen lower blocks never run.
+  trained with the head; the frozen lower blocks never run;
+* ``e2e``: the photos / captions themselves through the whole backbone (`BackboneTokens`), trained
+  with the head, with the references' augmentations (`heads.raw_inputs`). The split's caches
+  still say what to read (photo files, caption word pieces) and which backbone (its weights are
+  loaded again and checked by hash); their tokens are not read.
+
+Each source also says how a split's rows reach it (`TokenSource.batches` for encoding,
+`TokenSource.training_reader` for training): cached tokens for ``cache`` and ``tail``, decoded
+photos or word-piece ids for ``e2e``. `SourceOptions` carries the config keys sources read.
 
 `RetrievalModel` holds ``head``, ``image_source`` and ``text_source``: the trainer, the loss module
 (`heads.distributed.LossModule`, which runs the sources before any all-gather), the scorer
@@ -17,12 +25,15 @@ Checkpoints keep the head's state under ``model`` as before and each tuned sourc
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, ClassVar
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cache.batch import TokenBatch
+from cache.batch import IdsBatch, InputBatch, PixelBatch, TokenBatch
+from cache.datasets import token_batches
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from heads.base import Encoded, FeatureSpec, Head
@@ -30,17 +41,61 @@ from heads.base import Encoded, FeatureSpec, Head
 SIDES = ("image", "text")
 
 
+@dataclass(frozen=True)
+class SourceOptions:
+    """What token sources read from a run config (``data`` and ``run`` keys)."""
+
+    images_root: str | None = None              # data.images_root: e2e photos (None: recorded)
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # data.crop_scale: e2e RandomResizedCrop
+    text_augment: float = 0.2                   # data.text_augment: e2e word perturbation
+    workers: int = 0                            # data.num_workers: e2e photo decoding
+    grad_checkpointing: bool = False            # run.grad_checkpointing: tuned blocks
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> SourceOptions:
+        data = config["data"]
+        return cls(images_root=data.get("images_root"),
+                   crop_scale=tuple(data.get("crop_scale", cls.crop_scale)),
+                   text_augment=data.get("text_augment", cls.text_augment),
+                   workers=data.get("num_workers", 0),
+                   grad_checkpointing=config.get("run", {}).get("grad_checkpointing", False))
+
+
 class TokenSource(nn.Module):
-    """Turns a side's cached token batch into the token batch its head reads."""
+    """Turns what a side reads (cached tokens, or photos / captions) into the token batch its
+    head reads."""
 
     tuned: ClassVar[bool] = False     # has weights that train with the head (saved in checkpoints)
 
-    def forward(self, batch: TokenBatch) -> TokenBatch:
+    def forward(self, batch: InputBatch) -> TokenBatch:
         raise NotImplementedError
+
+    @property
+    def reads(self) -> str:
+        """What ``forward`` takes: "tokens" (a backbone's states at the cache's layer, as a
+        `TokenBatch`), "pixels" (`PixelBatch`) or "ids" (`IdsBatch`)."""
+        return "tokens"
 
     def output_spec(self, cached: FeatureSpec) -> FeatureSpec:
         """What the head receives, given the spec of the cache this source reads."""
         return cached
+
+    def batches(self, cache: ImageCache | TextCache, batch_size: int,
+                rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, InputBatch]]:
+        """``(rows, input batch)`` of a split's rows in order, for encoding (default: the
+        cached tokens)."""
+        return token_batches(cache, batch_size, rows)
+
+    def training_reader(self, cache: ImageCache | TextCache, seed: int) -> Any:
+        """What training reads for this side: None for the cached tokens (with token drop), or
+        an object whose ``read(rows, epoch)`` gives the side's input batch."""
+        return None
+
+    def check_inputs(self, cache: ImageCache | TextCache) -> None:
+        """InputError naming what this source would read from ``cache``'s split and cannot."""
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        """Recompute the tuned blocks' activations in the backward pass (less memory)."""
 
 
 class CachedTokens(TokenSource):
@@ -78,24 +133,139 @@ class TailTokens(TokenSource):
                                    prefix_tokens=layout.prefix_tokens, grid=layout.grid)
 
 
-def _tail(cache: ImageCache | TextCache) -> TokenSource:
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        self.tail.checkpointing = enabled
+
+
+class BackboneTokens(TokenSource):
+    """The whole backbone (an `extract.encoders` encoder at its last layer) on photos
+    (`PixelBatch`) or word-piece ids (`IdsBatch`); its BatchNorm layers stay in eval mode (frozen
+    statistics, trained affine weights, as the references tune CNNs). On CUDA, photos and the
+    backbone's convolutions run channels-last."""
+
+    tuned = True
+
+    def __init__(self, encoder: nn.Module, options: SourceOptions = SourceOptions()) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.options = options
+        self.modality = "image" if hasattr(encoder, "layout") else "text"
+        self._channels_last = False
+
+    @property
+    def reads(self) -> str:
+        return "pixels" if self.modality == "image" else "ids"
+
+    def forward(self, batch: InputBatch) -> TokenBatch:
+        if isinstance(batch, PixelBatch):
+            pixels = batch.pixels
+            if pixels.is_cuda:
+                if not self._channels_last:
+                    self.encoder.to(memory_format=torch.channels_last)
+                    self._channels_last = True
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
+            tokens = self.encoder(pixels)
+            return TokenBatch(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool,
+                                                 device=tokens.device))
+        if not isinstance(batch, IdsBatch):
+            raise TypeError(f"an e2e {self.modality} source reads photos or word-piece ids, "
+                            f"got {type(batch).__name__}")
+        states = self.encoder(batch.input_ids, batch.mask.long())
+        return TokenBatch(states * batch.mask.unsqueeze(-1).to(states.dtype), batch.mask)
+
+    def output_spec(self, cached: FeatureSpec) -> FeatureSpec:
+        if self.modality == "text":
+            return dataclasses.replace(cached, dim=self.encoder.dim)
+        layout = self.encoder.layout
+        return dataclasses.replace(cached, dim=layout.dim, num_tokens=layout.num_tokens,
+                                   prefix_tokens=layout.prefix_tokens, grid=layout.grid)
+
+    def train(self, mode: bool = True) -> BackboneTokens:
+        from extract.tails import freeze_batchnorm
+
+        super().train(mode)
+        freeze_batchnorm(self)
+        return self
+
+    def _photos(self, cache: ImageCache, training: bool) -> Any:
+        from heads.raw_inputs import PhotoFiles, images_root, training_transform
+
+        transform = self.encoder.transform
+        if training:
+            transform = training_transform(transform, self.options.crop_scale)
+        return PhotoFiles(cache, images_root(cache, self.options.images_root), transform)
+
+    def _captions(self, cache: TextCache, seed: int, training: bool) -> Any:
+        from heads.raw_inputs import CaptionIds, WordPieceAugment
+
+        tokenizer = self.encoder.tokenizer
+        augment = (WordPieceAugment.for_tokenizer(tokenizer, self.options.text_augment)
+                   if training and self.options.text_augment > 0 else None)
+        return CaptionIds(cache, augment, seed, pad_id=tokenizer.pad_token_id or 0)
+
+    def batches(self, cache: ImageCache | TextCache, batch_size: int,
+                rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, InputBatch]]:
+        from heads.raw_inputs import id_batches, photo_batches
+
+        rows = np.arange(len(cache)) if rows is None else np.asarray(rows, np.int64)
+        if self.modality == "image":
+            photos = self._photos(cache, training=False)
+            photos.check()
+            return photo_batches(photos, rows, batch_size, self.options.workers)
+        return id_batches(self._captions(cache, 0, training=False), rows, batch_size)
+
+    def training_reader(self, cache: ImageCache | TextCache, seed: int) -> Any:
+        if self.modality == "image":
+            return self._photos(cache, training=True)
+        return self._captions(cache, seed, training=True)
+
+    def check_inputs(self, cache: ImageCache | TextCache) -> None:
+        if self.modality == "image":
+            self._photos(cache, training=False).check()
+        elif cache.attrs.num_tokens > self.encoder.max_length:
+            raise InputError(f"{cache.path}: captions of up to {cache.attrs.num_tokens} word "
+                             f"pieces, the e2e text backbone takes {self.encoder.max_length}")
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        model = self.encoder.model
+        if hasattr(model, "set_grad_checkpointing"):                     # timm
+            model.set_grad_checkpointing(enabled)
+        elif enabled:                                                     # transformers
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+
+
+def _tail(cache: ImageCache | TextCache, options: SourceOptions) -> TokenSource:
     from extract.tails import tail_from_cache
 
     return TailTokens(tail_from_cache(cache))
 
 
-_BUILDERS: dict[str, Callable[[ImageCache | TextCache], TokenSource]] = {
-    "cache": lambda cache: CachedTokens(),
+def _backbone(cache: ImageCache | TextCache, options: SourceOptions) -> TokenSource:
+    from extract.recorded import recorded_encoder
+
+    encoder = recorded_encoder(cache.attrs.modality, cache.attrs, str(cache.path), layer=-1)
+    return BackboneTokens(encoder.train().requires_grad_(True), options)
+
+
+_BUILDERS: dict[str, Callable[[ImageCache | TextCache, SourceOptions], TokenSource]] = {
+    "cache": lambda cache, options: CachedTokens(),
     "tail": _tail,
+    "e2e": _backbone,
 }
 SOURCE_KINDS = tuple(_BUILDERS)
 
 
-def build_source(kind: str, cache: ImageCache | TextCache) -> TokenSource:
+def build_source(kind: str, cache: ImageCache | TextCache,
+                 options: SourceOptions = SourceOptions()) -> TokenSource:
     """The ``kind`` source of one side, for the backbone that wrote ``cache`` (its train split)."""
     if kind not in _BUILDERS:
         raise InputError(f"unknown token source {kind!r}; known: {', '.join(SOURCE_KINDS)}")
-    return _BUILDERS[kind](cache)
+    source = _BUILDERS[kind](cache, options)
+    if options.grad_checkpointing:
+        source.set_grad_checkpointing(True)
+    return source
 
 
 class RetrievalModel(nn.Module):
@@ -144,10 +314,10 @@ class RetrievalModel(nn.Module):
 
     # ------------------------------------------------------------- the head's scoring interface
 
-    def encode_images(self, batch: TokenBatch) -> Encoded:
+    def encode_images(self, batch: InputBatch) -> Encoded:
         return self.head.encode_images(self.image_source(batch))
 
-    def encode_texts(self, batch: TokenBatch) -> Encoded:
+    def encode_texts(self, batch: InputBatch) -> Encoded:
         return self.head.encode_texts(self.text_source(batch))
 
     def score(self, images: Encoded, texts: Encoded) -> Tensor:
@@ -175,6 +345,14 @@ class RetrievalModel(nn.Module):
     @property
     def name(self) -> str:
         return self.head.name
+
+
+def input_batches(model: Head | RetrievalModel, cache: ImageCache | TextCache, batch_size: int,
+                  rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, InputBatch]]:
+    """What a model (or bare head: the cached tokens) encodes of a split's rows, in order."""
+    if isinstance(model, RetrievalModel):
+        return model.sources()[cache.attrs.modality].batches(cache, batch_size, rows)
+    return token_batches(cache, batch_size, rows)
 
 
 Retriever = Head | RetrievalModel

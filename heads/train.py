@@ -5,9 +5,14 @@
 * caption-indexed batches from the train caches (``cache.datasets``), feature-level token drop;
 * per side a token source (``heads.sources``, ``data.image_source`` / ``data.text_source``):
   ``cache`` feeds the cached tokens to the head, ``tail`` runs a layer-K cache through the
-  backbone's blocks after K, rebuilt from the cache's weights (checked by hash) before the seed is
-  set, and trains them with the head (token drop off on that side); the head and the sources form
-  one ``RetrievalModel`` that the loss module, dev evaluation and checkpoints receive;
+  backbone's blocks after K, ``e2e`` the photos / captions through the whole backbone (read by
+  ``heads.raw_inputs`` in the loader, with the references' augmentations; with an e2e image side
+  an epoch visits each photo once, ``data.epoch_over``); tuned backbones are rebuilt from the
+  caches' weights (checked by hash, and against ``data.<side>_backbone``) before the seed is set,
+  what they read is checked in the train and dev splits, and they train with the head (token drop
+  off on that side, frozen for the first ``optim.backbone_frozen_epochs``, layer-wise lr decay
+  ``optim.layer_decay``); the head and the sources form one ``RetrievalModel`` that the loss
+  module, dev evaluation and checkpoints receive;
 * AdamW (or Adam) with parameter groups whose lr is multiplied per parameter-name prefix
   (``optim.lr_mult``), step decay by ``gamma`` at the ``milestones`` (epochs, 0-based) and an
   optional linear warm-up over the first ``warmup_steps`` steps; gradient-norm clipping;
@@ -15,7 +20,8 @@
   the device and read every ``run.log_every`` steps, where a NaN/Inf loss stops the run naming the
   first bad step);
 * dev evaluation after every epoch (``heads.eval.evaluate.evaluate``; dev split, never test); the best
-  dev rsum is kept as ``best.pt``, the last epoch as ``last.pt`` (atomic writes), ``log.jsonl``
+  dev rsum is kept as ``best.pt`` (weights only), the last epoch as ``last.pt`` (with the optimiser,
+  schedule and RNG states; atomic writes), ``log.jsonl``
   gets a record per epoch and every ``log_every`` steps, tensorboard when it is installed;
 * ``init.checkpoint`` warm-starts a new run from another run's weights (``init.rename`` maps their
   names, e.g. a ``linear`` head's projections onto ``laps``'s); the caches must be the same;
@@ -32,6 +38,7 @@ import importlib.util
 import json
 import math
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,12 +59,16 @@ from heads.base import FeatureSpec, Progress
 from heads.checkpoint import (FORMAT_VERSION, check_features, feature_identity, load_checkpoint,
                               load_pretrained_parts, rng_state, save_checkpoint,
                               set_rng_state, warm_start)
-from heads.config import cache_paths, longest_prefix, save_config
+from heads.config import BACKBONE_KEYS, cache_paths, longest_prefix, save_config
 from heads.distributed import Dist, LossModule, gather_mode, init_distributed
 from heads.losses import build_loss
-from heads.sources import SIDES, RetrievalModel, Retriever, TokenSource, build_source
+from heads.sources import (SIDES, RetrievalModel, Retriever, SourceOptions, TokenSource,
+                           build_source)
 
 LAST, BEST, LOG, CONFIG = "last.pt", "best.pt", "log.jsonl", "config.yaml"
+RESUME_ONLY = ("optimizer", "scheduler", "rng")
+"""What only ``last.pt`` keeps: ``best.pt`` is weights only (a tuned backbone's optimiser state is
+twice its weights)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -67,19 +78,47 @@ class NonFiniteLossError(RuntimeError):
 # ------------------------------------------------------------------------------------- optimiser
 
 
+_BLOCK = re.compile(r"(?:^|\.)(?:layer|blocks)\.(\d+)\.")
+_STEM = re.compile(r"(?:^|\.)(?:embeddings|patch_embed|cls_token|pos_embed|reg_token|conv_stem|"
+                   r"bn1)(?:\.|$)")
+
+
+def layer_scales(names: list[str], decay: float) -> dict[str, float]:
+    """Layer-wise lr decay over one tuned backbone's parameter names (timm's
+    ``param_groups_layer_decay`` rule, on transformers and timm names alike): block ``i``
+    (``layer.<i>.`` / ``blocks.<i>.``) is layer i + 1, the stem (embeddings, patch embedding,
+    CLS / position tokens, a CNN's first conv) layer 0, anything after the last block (final
+    norm, head conv) layer L + 1, L the number of blocks (the last index + 1: a tail keeps the
+    backbone's indices); the scale of layer l is ``decay ** (L + 1 - l)``."""
+    blocks = {name: int(m.group(1)) for name in names if (m := _BLOCK.search(name))}
+    top = max(blocks.values(), default=-1) + 2
+    scales = {}
+    for name in names:
+        layer = blocks[name] + 1 if name in blocks else 0 if _STEM.search(name) else top
+        scales[name] = decay ** (top - layer)
+    return scales
+
+
 def param_groups(model: RetrievalModel, criterion: nn.Module, lr: float, weight_decay: float,
-                 lr_mult: dict[str, float]) -> list[dict[str, Any]]:
+                 lr_mult: dict[str, float], layer_decay: float = 1.0) -> list[dict[str, Any]]:
     """Parameter groups: the lr of a parameter is ``lr`` times the multiplier of the longest
     ``lr_mult`` prefix of its name (head parameters by name, a tuned source's as
-    ``image_source.<name>`` / ``text_source.<name>``, the loss's as ``loss.<name>``); loss
-    parameters (a temperature) get no weight decay. A prefix that matches nothing is an error."""
+    ``image_source.<name>`` / ``text_source.<name>``, the loss's as ``loss.<name>``), times its
+    `layer_scales` factor in a tuned source when ``layer_decay`` < 1; loss parameters (a
+    temperature) get no weight decay. A prefix that matches nothing is an error."""
     named = [(n, p, weight_decay) for n, p in model.named_trainable()]
     named += [(f"loss.{n}", p, 0.0) for n, p in criterion.named_parameters() if p.requires_grad]
+    scales: dict[str, float] = {}
+    if layer_decay < 1.0:
+        for side in model.tuned_sides():
+            prefix = f"{side}_source."
+            scales.update(layer_scales([n for n, _, _ in named if n.startswith(prefix)],
+                                       layer_decay))
     used: set[str] = set()
     groups: dict[tuple[float, float], dict[str, Any]] = {}
     for name, param, decay in named:
         prefix = longest_prefix(name, lr_mult)
-        mult = lr_mult[prefix] if prefix is not None else 1.0
+        mult = (lr_mult[prefix] if prefix is not None else 1.0) * scales.get(name, 1.0)
         if prefix is not None:
             used.add(prefix)
         group = groups.setdefault((mult, decay), {"params": [], "names": [], "lr": lr * mult,
@@ -247,12 +286,22 @@ class Trainer:
             if state is not None:
                 check_features(state["features"][side], train_cache,
                                f"the checkpoint {self.out_dir / LAST}")
+            if data[f"{side}_source"] != "cache":
+                data[f"{side}_backbone"] = _named_backbone(data[f"{side}_backbone"],
+                                                           train_cache, side)
 
     def _build_sources(self) -> dict[str, TokenSource]:
-        """Each side's token source, built for its train cache (a tail loads its backbone)."""
-        data = self.config["data"]
-        return {f"{side}_source": build_source(data[f"{side}_source"], cache)
-                for side, cache in zip(SIDES, (self.train_images, self.train_texts))}
+        """Each side's token source, built for its train cache (a tail or e2e side loads its
+        backbone), checked to find what it reads in the train and dev splits."""
+        data, options = self.config["data"], SourceOptions.from_config(self.config)
+        sources = {}
+        for side, train, dev in (("image", self.train_images, self.dev_images),
+                                 ("text", self.train_texts, self.dev_texts)):
+            source = build_source(data[f"{side}_source"], train, options)
+            for cache in (train, dev):
+                source.check_inputs(cache)
+            sources[f"{side}_source"] = source
+        return sources
 
     def _build_model(self, sources: dict[str, TokenSource]) -> None:
         """Head (checked against the caches' FeatureSpecs) behind the sources, loss, optimiser
@@ -268,7 +317,7 @@ class Trainer:
         self.model.to(self.dist.device)
         self.criterion.to(self.dist.device)
         groups = param_groups(self.model, self.criterion, optim["lr"], optim["weight_decay"],
-                              optim["lr_mult"] or {})
+                              optim["lr_mult"] or {}, optim["layer_decay"])
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = make_optimizer(groups, optim)
 
@@ -282,18 +331,26 @@ class Trainer:
             drop["image"] = 0.0
         for side in self.model.tuned_sides():
             if drop[side] > 0:
-                _note(f"note: the {side} side runs a tail over all of its tokens; {side} token "
-                      f"drop {drop[side]} is turned off", self.dist)
+                _note(f"note: the {side} side tunes its backbone on all of its tokens; {side} "
+                      f"token drop {drop[side]} is turned off", self.dist)
                 drop[side] = 0.0
-        preload, why = resolve_preload(data["preload"], self.train_images, self.train_texts,
-                                       self.dist.device)
-        _note(why, self.dist)
+        readers = {side: source.training_reader(cache, seed) for side, source, cache in
+                   zip(SIDES, self.model.sources().values(), (self.train_images, self.train_texts))}
+        if any(reader is not None for reader in readers.values()):
+            preload = "none"        # an e2e side reads photos / word pieces, not cached tokens
+        else:
+            preload, why = resolve_preload(data["preload"], self.train_images, self.train_texts,
+                                           self.dist.device)
+            _note(why, self.dist)
         self.dataset = PairBatches(self.train_images, self.train_texts, seed=seed,
                                    image_drop=drop["image"], text_drop=drop["text"],
                                    preload=preload, device=self.dist.device,
-                                   float32=self.dist.device.type == "cpu")
+                                   float32=self.dist.device.type == "cpu", readers=readers)
+        over_images = data["epoch_over"] == "images" or (
+            data["epoch_over"] == "auto" and data["image_source"] == "e2e")
         self.sampler = EpochBatches(len(self.train_texts), optim["batch_size"], seed,
-                                    self.dist.rank, self.dist.world_size)
+                                    self.dist.rank, self.dist.world_size,
+                                    self.dataset.image_index if over_images else None)
         self.loader = pair_loader(self.dataset, self.sampler, data["num_workers"],
                                   pin_memory=self.dist.device.type == "cuda")
         self.steps_per_epoch = len(self.sampler)
@@ -385,10 +442,22 @@ class Trainer:
                 f"the last good checkpoint is {self.out_dir / LAST}. Lower optim.lr, check "
                 "optim.grad_clip, or inspect the caches for extreme values")
 
+    def _freeze_backbones(self, epoch: int) -> None:
+        """Tuned sides train from epoch ``optim.backbone_frozen_epochs`` on; before, they run
+        without gradient (their weights stay in the optimiser, which skips them)."""
+        frozen = epoch < self.config["optim"]["backbone_frozen_epochs"]
+        for side in self.model.tuned_sides():
+            self.model.sources()[side].requires_grad_(not frozen)
+        if frozen and self.model.tuned_sides():
+            _note(f"epoch {epoch}: tuned {' and '.join(self.model.tuned_sides())} backbone "
+                  "frozen (optim.backbone_frozen_epochs)", self.dist)
+
     def train_epoch(self, epoch: int) -> dict[str, Any]:
-        """One pass over the captions; returns the mean loss and scalars of the epoch."""
+        """One pass over the captions (or the images, see ``data.epoch_over``); returns the mean
+        loss and scalars of the epoch."""
         self.model.train()
         self.criterion.train()
+        self._freeze_backbones(epoch)
         self.sampler.set_epoch(epoch)
         device, log_every = self.dist.device, self.config["run"]["log_every"]
         loss_sum = torch.zeros((), device=device)
@@ -398,7 +467,7 @@ class Trainer:
                            desc=f"epoch {epoch}",
                            disable=not (self.show_progress and self.dist.is_main))
         for i, (images, texts, image_ids) in enumerate(bar):
-            images = images.to(device, dtype=torch.float32)
+            images = images.to(device, dtype=torch.float32)    # ids stay integers
             texts = texts.to(device, dtype=torch.float32)
             image_ids = image_ids.to(device, non_blocking=True)
             progress = Progress(epoch, self.step, self.steps_per_epoch)
@@ -465,8 +534,9 @@ class Trainer:
                 self.best_rsum, self.best_epoch, record["best"] = rsum, epoch, True
             state = self._state(epoch, metrics, rngs)
             save_checkpoint(state, self.out_dir / LAST)
-            if record["best"]:
-                save_checkpoint(state, self.out_dir / BEST)
+            if record["best"]:    # weights only: resuming reads last.pt
+                save_checkpoint({k: v for k, v in state.items() if k not in RESUME_ONLY},
+                                self.out_dir / BEST)
             self.log.write(record)
             tqdm.write(f"epoch {epoch}: loss {result['loss']:.4f}  dev rsum {rsum:.2f}"
                        f"{' (best)' if record['best'] else ''}  "
@@ -479,6 +549,19 @@ class Trainer:
         """Leave the process group if this trainer joined it."""
         if self.dist.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _named_backbone(named: dict[str, Any] | None, cache: ImageCache | TextCache,
+                    side: str) -> dict[str, Any]:
+    """The backbone of a tuned side as ``data.<side>_backbone`` records it, from its train
+    cache; InputError when a key the config sets differs."""
+    actual = {key: getattr(cache.attrs, key) for key in BACKBONE_KEYS}
+    wrong = [f"{key} is {actual[key]!r}, the config names {value!r}"
+             for key, value in (named or {}).items() if actual[key] != value]
+    if wrong:
+        raise InputError(f"{cache.path}: not the {side} backbone data.{side}_backbone names "
+                         f"({'; '.join(wrong)})")
+    return actual
 
 
 def _seed_everything(seed: int) -> None:

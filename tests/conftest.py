@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import pytest
+
+from tests.threads import one_torch_thread
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -18,13 +21,8 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """One intra-op torch thread for a module of tiny forwards (OpenMP spin-waiting on a shared
-    2-core machine costs more than it gains); results are unchanged."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="module", name="one_torch_thread")
+def one_torch_thread_fixture() -> Iterator[None]:
+    """One torch thread for a module of tiny forwards (`tests.threads.one_torch_thread`)."""
+    with one_torch_thread():
+        yield

@@ -20,8 +20,8 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 # Repository paths: a top-level folder of the repo, or a root file; not a part of a longer path
 # (runs/..., features/..., ../shared/..., demo/... never match).
-REPO_PATH = re.compile(r"(?<![\w./$~-])((?:configs|heads|bench|scripts|extract|cache|tests)/"
-                       r"[\w./<>{},*-]*|requirements[\w-]*\.txt|Makefile|setup\.cfg|"
+REPO_PATH = re.compile(r"(?<![\w./$~-])((?:configs|heads|bench|scripts|extract|cache|search|viz|"
+                       r"docs|tests)/[\w./<>{},*-]*|requirements[\w-]*\.txt|Makefile|setup\.cfg|"
                        r"pyproject\.toml|cli\.py)")
 CONFIG_NAME = re.compile(r"(?<![\w./-])((?:f8k|f30k|coco|demo)_[\w<>{},-]*\.yaml)")
 
@@ -225,7 +225,7 @@ def test_the_layout_lists_every_module() -> None:
     """Each module is an entry of its own or named in the description of its folder's entry."""
     entries = layout_entries(sections(README)["Layout"])
     unlisted = []
-    for folder in ("extract", "cache", "heads", "bench", "scripts"):
+    for folder in ("extract", "cache", "heads", "search", "viz", "bench", "scripts"):
         for file in sorted((ROOT / folder).rglob("*")):
             if file.suffix not in (".py", ".sh") or file.name == "__init__.py":
                 continue

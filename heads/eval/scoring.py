@@ -19,13 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cache.batch import TokenBatch
-from cache.datasets import token_batches
 from cache.errors import InputError
 from cache.progress import progress_bar
 from cache.store import ImageCache, TextCache
 from heads.base import Encoded, cat_encoded, index_encoded, map_encoded, num_items
-from heads.sources import Retriever
+from heads.sources import Retriever, input_batches
 
 DEFAULT_IMAGE_BLOCK = 1000
 DEFAULT_CAPTION_BLOCK = 16
@@ -71,7 +69,8 @@ def encode_cache(head: Retriever, cache: ImageCache | TextCache, device: torch.d
 
     The fp16 cached tokens are moved to the device as stored and cast to float32 there; the head
     (for a ``heads.sources.RetrievalModel``: its token source, e.g. a tuned tail, then its head)
-    runs under bf16 autocast when ``amp`` (default: on CUDA).
+    runs under bf16 autocast when ``amp`` (default: on CUDA). An end-to-end side reads the split's
+    photos or captions instead (``heads.sources.input_batches``).
     """
     device = torch.device(device)
     amp = default_amp(device) if amp is None else amp
@@ -81,12 +80,11 @@ def encode_cache(head: Retriever, cache: ImageCache | TextCache, device: torch.d
     head.to(device)
     parts: list[Encoded] = []
     count = len(cache) if rows is None else len(rows)
-    batches = token_batches(cache, batch_size, rows)
+    batches = input_batches(head, cache, batch_size, rows)
     with inference(head, device, amp):
         for _, batch in progress_bar(batches, total=-(-count // batch_size), disable=not progress,
                                      desc=f"encode {cache.attrs.modality}s", leave=False):
-            batch = batch.to(device)
-            parts.append(_as_float32(encode(TokenBatch(batch.tokens.float(), batch.mask))))
+            parts.append(_as_float32(encode(batch.to(device, dtype=torch.float32))))
     return cat_encoded(parts)
 
 

@@ -179,6 +179,17 @@ class LapsHead(InteractionHead):
                                       paired=False)
         return self.slimming.selection(images, relevance)[0]
 
+    def explain(self, images: Encoded, texts: Encoded) -> dict[str, Tensor]:
+        """What the patch slimming did for every caption x image pair, each ``[n_txt, n_img, N]``
+        over the spatial tokens: ``keep`` (bool, the top-K selection), ``scores`` (the selection
+        score s_j, -inf at padding) and ``fuse`` (each dropped patch's weight in the fused token).
+        For pictures (``cli explain``); scoring does not call it."""
+        relevance = caption_relevance(images["patches"], images["patch_norm"], texts["caption"],
+                                      paired=False)
+        keep, scores, _ = self.slimming.selection(images, relevance)
+        return {"keep": keep, "scores": scores,
+                "fuse": self.slimming.visual_sets(images, relevance).fuse}
+
     def score(self, images: Encoded, texts: Encoded) -> Tensor:
         return self._score_block(images, texts)[0]
 

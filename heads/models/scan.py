@@ -44,6 +44,16 @@ def _avg_pool(relevance: Tensor, word_mask: Tensor) -> Tensor:
 POOLINGS = ("lse", "avg")
 
 
+def scan_attention(sims: Tensor, word_mask: Tensor, region_mask: Tensor, lambda_softmax: float,
+                   negative_slope: float) -> Tensor:
+    """SCAN's word-to-region attention alpha ``[..., W, R]`` (steps 1-2) from word-region cosines
+    ``sims [..., W, R]``; ``word_mask [..., W]`` and ``region_mask [..., R]`` broadcast against
+    ``sims``'s leading dimensions. Each valid word's row sums to 1 over the valid regions."""
+    clipped = F.leaky_relu(sims, negative_slope).masked_fill(~word_mask.unsqueeze(-1), 0)
+    clipped = l2norm(clipped, dim=-2)                                    # over words, per region
+    return masked_softmax(lambda_softmax * clipped, region_mask.unsqueeze(-2), dim=-1)
+
+
 def scan_t2i(sims: Tensor, word_mask: Tensor, region_mask: Tensor, gram: Tensor,
              word_norm: Tensor, lambda_softmax: float, negative_slope: float,
              pool: Callable[[Tensor, Tensor], Tensor], eps: float = 1e-8) -> Tensor:
@@ -53,16 +63,12 @@ def scan_t2i(sims: Tensor, word_mask: Tensor, region_mask: Tensor, gram: Tensor,
     broadcast against ``sims``'s leading dimensions; the region Gram matrices ``gram [n, R, R]``
     follow ``sims``'s first dimension (one per image). Returns ``[...]``.
     """
-    word_mask = word_mask.unsqueeze(-1)                                  # [..., W, 1]
-    region_mask = region_mask.unsqueeze(-2)                              # [..., 1, R]
-    clipped = F.leaky_relu(sims, negative_slope).masked_fill(~word_mask, 0)
-    clipped = l2norm(clipped, dim=-2)                                    # over words, per region
-    alpha = masked_softmax(lambda_softmax * clipped, region_mask, dim=-1)  # [..., W, R]
+    alpha = scan_attention(sims, word_mask, region_mask, lambda_softmax, negative_slope)
     dot = (alpha * sims).sum(dim=-1)                                     # w · a_w
     spread = torch.bmm(alpha.flatten(1, -2), gram.to(alpha.dtype)).view(alpha.shape)
     sq_norm = (spread * alpha).sum(dim=-1)                               # ||a_w||^2 = a G a^T
     relevance = dot / (word_norm * sq_norm.clamp(min=0).sqrt()).clamp(min=eps)
-    return pool(relevance, word_mask.squeeze(-1))
+    return pool(relevance, word_mask)
 
 
 @register_head("scan")
@@ -132,3 +138,11 @@ class SCANHead(InteractionHead):
         sims = txt @ img.transpose(1, 2)                                 # [P, W, R]
         gram = img @ img.transpose(1, 2)
         return self._score(sims, texts["mask"], images["mask"], gram, txt.norm(dim=-1))
+
+    def attention(self, images: Encoded, texts: Encoded) -> Tensor:
+        """Word-to-region attention ``[P, W, R]`` of aligned pairs (``scan_attention``): what each
+        word of caption p attends to in image p; rows of invalid words carry no meaning. For
+        pictures (``cli explain``); scoring does not call it."""
+        sims = texts["tokens"] @ images["tokens"].transpose(1, 2)
+        return scan_attention(sims, texts["mask"], images["mask"], self.lambda_softmax,
+                              self.negative_slope)

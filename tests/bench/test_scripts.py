@@ -63,5 +63,12 @@ def test_finetune():
         if importlib.util.find_spec(package) is None:
             assert f"skipped the {side} side" in out, out
         else:
-            assert re.search(rf"^{side} side .*(\n  .*){{4}}\n  ratio tail / e2e \(lower frozen, "
+            assert re.search(rf"^{side} side .*(\n  .*){{5}}\n  ratio tail / e2e \(lower frozen, "
                              r"same tuned blocks\): s/step \d", out, re.MULTILINE), out
+
+
+def test_search():
+    out = run_bench("search.py", "--n", "400", "--dim", "16", "--queries", "5", "--threads", "1")
+    for kind in ("hnsw", "ivf-pq"):
+        assert re.search(rf"ratio {kind}/flat: build \d+\.\d+, p50 latency \d+\.\d+, "
+                         rf"recall@10 \d\.\d+", out), out

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cache.datasets import (EpochBatches, PairBatches, TokenDrop, caption_batches, pair_loader,
-                            resolve_preload)
+from cache.datasets import (EpochBatches, PairBatches, TokenDrop, caption_batches,
+                            one_caption_per_image, pair_loader, resolve_preload)
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from tests.heads.synthetic_caches import write_split
@@ -44,6 +44,34 @@ def test_epoch_visits_every_caption_once_and_ranks_split_global_batches() -> Non
         caption_batches(100, 10, 0, 0, world_size=3)
     with pytest.raises(InputError, match="fewer than one batch"):
         caption_batches(5, 10, 0, 0)
+
+
+def test_an_epoch_over_images_takes_one_random_caption_of_each() -> None:
+    caption_image = np.repeat(np.arange(40), 5)[np.random.default_rng(0).permutation(200)]
+    picked = one_caption_per_image(caption_image, seed=1, epoch=0)
+    np.testing.assert_array_equal(caption_image[picked], np.arange(40))       # every image once
+    epochs = np.stack([one_caption_per_image(caption_image, 1, e) for e in range(50)])
+    assert len(np.unique(epochs)) > 150               # over epochs the captions vary: all 5 of each
+    batches = caption_batches(200, 8, 1, 0, caption_image=caption_image)
+    assert len(batches) == 5 and sorted(caption_image[np.concatenate(batches)]) == list(range(40))
+    sampler = EpochBatches(200, 8, 1, caption_image=caption_image)
+    assert len(sampler) == 5 and len(list(sampler)) == 5
+    with pytest.raises(InputError, match="has 40 images, fewer than one batch of 64"):
+        caption_batches(200, 64, 0, 0, caption_image=caption_image)
+
+
+def test_readers_replace_a_sides_cached_tokens(caches: tuple[ImageCache, TextCache]) -> None:
+    images, texts = caches
+
+    class Rows:
+        def read(self, rows: np.ndarray, epoch: int) -> tuple[list[int], int]:
+            return rows.tolist(), epoch
+
+    dataset = PairBatches(images, texts, readers={"text": Rows(), "image": None})
+    image_batch, text_batch, image_rows = dataset[(3, np.array([4, 1, 7]))]
+    assert text_batch == ([4, 1, 7], 3)
+    assert image_batch.tokens.shape[0] == 3
+    np.testing.assert_array_equal(image_rows.numpy(), np.asarray(texts.image_index)[[4, 1, 7]])
 
 
 def test_pairs_hold_each_caption_with_its_image(caches: tuple[ImageCache, TextCache]) -> None:

@@ -279,3 +279,16 @@ def test_image_deleted_after_the_check(tmp_path):
     Path(dataset.files[0]).unlink()
     with pytest.raises(ImageDecodeError, match=r"gone.jpg: image file not found \(row 0\)"):
         dataset[0]
+
+
+def test_exif_orientation_turns_a_phone_photo_upright(tmp_path):
+    path = tmp_path / "portrait.jpg"
+    image = Image.new("RGB", (40, 24), (200, 30, 30))
+    image.paste((30, 30, 200), (0, 0, 8, 24))          # a blue band on the left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6                                    # Orientation: rotate 90 CW to view
+    image.save(path, exif=exif.tobytes(), quality=95)
+    upright = load_rgb(path)
+    assert upright.size == (24, 40)                     # width and height swapped
+    assert upright.getpixel((12, 2))[2] > 150           # the left band is now on top
+    assert load_rgb(path).getexif().get(0x0112) in (None, 1)

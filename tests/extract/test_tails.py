@@ -275,7 +275,7 @@ def test_weights_changed_since_extraction_are_refused(demo, tiny, tmp_path):
     assert isinstance(tail_from_cache(cache), Tail)
     shutil.rmtree(weights)
     shutil.copytree(tiny["dinov2_other"], weights)       # same folder, other weights
-    with pytest.raises(InputError, match=r"image-dinov2_l1\.h5: the weights .* hash to .* changed "
+    with pytest.raises(InputError, match=r"image-dinov2_l1\.h5: the image weights .* hash to .* changed "
                                          "since extraction"):
         tail_from_cache(cache)
     shutil.rmtree(weights)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from cache.store import ImageCache, TextCache
 from extract.demo_data import generate_demo_data
 from tests.extract.cli_helpers import run_cli
 
@@ -67,6 +68,13 @@ def make_tail_world(root: Path, num_images: int = 96) -> TailWorld:
     return world
 
 
+def split_caches(world: TailWorld, split: str, image_tag: str = f"dinov2_l{LAYER}",
+                 text_tag: str = f"bert_l{LAYER}") -> tuple[ImageCache, TextCache]:
+    """The image and text caches of one split of the world."""
+    folder = world.features / DATASET / split
+    return (ImageCache(folder / f"image-{image_tag}.h5"), TextCache(folder / f"text-{text_tag}.h5"))
+
+
 def copy_backbones(world: TailWorld, root: Path) -> TailWorld:
     """The same world with its own copy of the backbone folders (to change the weights later);
     no caches yet."""
@@ -85,3 +93,19 @@ def tail_overrides(world: TailWorld, image: str = "cache", text: str = "cache",
             f"data.text_source={text}", "data.preload=none", "run.device=cpu",
             "run.log_every=5", "run.tensorboard=false", "head.name=linear", "head.embed_dim=16",
             "loss.name=infonce"] + [f"optim.{k}={v}" for k, v in optim.items()]
+
+
+def train_cli(out: Path, sets: list[str]) -> tuple[int, str]:
+    """``cli train-head --config <a linear head> --out OUT`` with ``--set`` options."""
+    config = out.parent / "linear.yaml"
+    config.write_text("head:\n  name: linear\n")
+    return run_cli("train-head", "--config", config, "--out", out, "--no-progress",
+                   *[part for item in sets for part in ("--set", item)])
+
+
+def assert_refused(out: Path, sets: list[str], *needles: str) -> None:
+    """``train_cli`` into ``out`` exits with status 2, a message holding every needle, and no
+    run folder."""
+    code, message = train_cli(out, sets)
+    assert code == 2 and all(n in message for n in needles), message
+    assert not out.exists()

@@ -142,6 +142,31 @@ def test_token_sources_default_to_the_cache_and_a_tail_to_lr_x01(config_file: Pa
     cfg = load_config(config_file, ["data.image_source=tail", "data.text_source=tail",
                                     "optim.lr_mult.text_source=0.3"])
     assert cfg["optim"]["lr_mult"] == {"text_source": 0.3, "image_source": 0.1}
-    with pytest.raises(InputError, match=r"'data.image_source' must be one of cache, tail, got "
-                                         r"'e2e'"):
-        load_config(config_file, ["data.image_source=e2e"])
+    cfg = load_config(config_file, ["data.image_source=e2e"])
+    assert cfg["optim"]["lr_mult"] == {"image_source": TAIL_LR_MULT}
+    with pytest.raises(InputError, match=r"'data.image_source' must be one of cache, tail, e2e, "
+                                         r"got 'full'"):
+        load_config(config_file, ["data.image_source=full"])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("data.crop_scale=[0.6]", r"'data.crop_scale' must be \[low, high\]"),
+    ("data.crop_scale=[0.9, 0.6]", r"'data.crop_scale' must be \[low, high\]"),
+    ("data.text_augment=1.0", r"'data.text_augment' must be in \[0, 1\)"),
+    ("optim.layer_decay=0", r"'optim.layer_decay' must be in \(0, 1\]"),
+    ("optim.backbone_frozen_epochs=-1", r"'optim.backbone_frozen_epochs' must be at least 0"),
+    ("data.epoch_over=steps", r"'data.epoch_over' must be one of auto, captions, images"),
+    ("data.image_backbone.depth=3", r"'data.image_backbone' has unknown keys \['depth'\]"),
+    ("run.grad_checkpointing=1", r"'run.grad_checkpointing' must be true or false"),
+])
+def test_recipe_keys_are_checked(config_file: Path, override: str, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        load_config(config_file, [override])
+
+
+def test_recipe_keys_default_to_the_plain_recipe(config_file: Path) -> None:
+    cfg = load_config(config_file, ["data.image_backbone.layer=3"])
+    assert cfg["data"]["crop_scale"] == [0.6, 1.0] and cfg["data"]["text_augment"] == 0.2
+    assert cfg["optim"]["layer_decay"] == 1.0 and cfg["optim"]["backbone_frozen_epochs"] == 0
+    assert cfg["data"]["epoch_over"] == "auto" and cfg["run"]["grad_checkpointing"] is False
+    assert cfg["data"]["image_backbone"] == {"layer": 3}

@@ -284,7 +284,7 @@ def test_bad_input_is_one_line_naming_the_file(world: TailWorld, run: Path,
     code, message = _export(own_run / "best.pt", "text", tmp_path / "out")
     assert code == 2, message
     assert message.startswith(f"{own_run / 'best.pt'}: cannot load the original text backbone "
-                              f"of its tail (bert, weights {weights.resolve()}): weights folder "
+                              f"it tuned (bert, weights {weights.resolve()}): weights folder "
                               f"{weights.resolve()} does not exist"), message
     assert not (tmp_path / "out").exists()
 

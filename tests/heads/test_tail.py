@@ -21,7 +21,8 @@ from heads.train import Trainer, evaluate_split, train
 from tests.extract.cli_helpers import run_cli
 from tests.heads.synthetic_caches import config_overrides, write_dataset
 from tests.heads.tail_world import (DATASET, LAYER, TailWorld, copy_backbones, make_tail_world,
-                                    tail_overrides)
+                                    split_caches, tail_overrides, train_cli,
+                                    assert_refused)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,31 +32,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> TailWorld:
     return make_tail_world(tmp_path_factory.mktemp("tail"))
 
 
-def _caches(world: TailWorld, split: str) -> tuple[ImageCache, TextCache]:
-    folder = world.features / DATASET / split
-    return (ImageCache(folder / f"image-dinov2_l{LAYER}.h5"),
-            TextCache(folder / f"text-bert_l{LAYER}.h5"))
-
-
-def _train_cli(out: Path, sets: list[str]) -> tuple[int, str]:
-    """``cli train-head --config <a linear head> --out OUT`` with ``--set`` options."""
-    config = out.parent / "linear.yaml"
-    config.write_text("head:\n  name: linear\n")
-    return run_cli("train-head", "--config", config, "--out", out, "--no-progress",
-                   *[part for item in sets for part in ("--set", item)])
-
-
 def test_a_tail_run_tunes_its_blocks_and_eval_encodes_through_them(world: TailWorld,
                                                                     tmp_path: Path) -> None:
     run = tmp_path / "run"
-    code, output = _train_cli(run, tail_overrides(world, "tail", "tail"))
+    code, output = train_cli(run, tail_overrides(world, "tail", "tail"))
     assert code == 0, output
     state = load_checkpoint(run / "best.pt")
     assert state["format"] == 2 and sorted(state["sources"]) == ["image", "text"]
     assert sorted(state["model"]) == ["image_fc.bias", "image_fc.weight", "text_fc.bias",
                                       "text_fc.weight"]                 # head names unchanged
     assert state["config"]["optim"]["lr_mult"] == {"image_source": 0.1, "text_source": 0.1}
-    for side, cache in zip(("image", "text"), _caches(world, "train")):
+    for side, cache in zip(("image", "text"), split_caches(world, "train")):
         pretrained = TailTokens(tail_from_cache(cache)).state_dict()
         tuned = state["sources"][side]
         assert tuned.keys() == pretrained.keys()
@@ -70,7 +57,7 @@ def test_a_tail_run_tunes_its_blocks_and_eval_encodes_through_them(world: TailWo
                            "--device", "cpu", "--save-sims", tmp_path / "tuned.npz")
     assert code == 0, output
     report = json.loads((run / "eval-test.json").read_text())
-    images, texts = _caches(world, "test")
+    images, texts = split_caches(world, "test")
     model = model_from_checkpoint(state, images, texts)
     again = evaluate(model, images, texts, save_sims=tmp_path / "again.npz")
     assert again["metrics"] == report["metrics"]
@@ -82,7 +69,7 @@ def test_a_tail_run_tunes_its_blocks_and_eval_encodes_through_them(world: TailWo
     assert np.abs(untuned_sims - tuned_sims).max() > 1e-3
 
     # the checkpoint's model scores the dev split exactly as the trainer did at that epoch
-    dev_images, dev_texts = _caches(world, "dev")
+    dev_images, dev_texts = split_caches(world, "dev")
     dev = evaluate_split(model_from_checkpoint(state, dev_images, dev_texts), dev_images,
                          dev_texts, state["config"]["eval"], torch.device("cpu"))
     assert dev["metrics"] == state["dev"]
@@ -132,10 +119,7 @@ def test_a_tail_run_resumes_exactly(world: TailWorld, tmp_path: Path) -> None:
 def test_bad_tail_inputs_stop_before_any_step_and_write_nothing(world: TailWorld,
                                                                 tmp_path: Path) -> None:
     def refused(sets: list[str], *needles: str) -> None:
-        out = tmp_path / "run"
-        code, message = _train_cli(out, sets)
-        assert code == 2 and all(n in message for n in needles), message
-        assert not out.exists()
+        assert_refused(tmp_path / "run", sets, *needles)
 
     last = world.features / DATASET / "train" / "image-dinov2.h5"
     refused(tail_overrides(world, image="tail", image_tag="dinov2"), str(last),
@@ -173,7 +157,7 @@ def test_a_tail_checkpoint_needs_its_tuned_weights_and_backbone(world: TailWorld
     without = {**state, "sources": {}}
     with pytest.raises(InputError, match=r"best\.pt: holds tuned source weights of no side, this "
                                          r"model tunes \['text'\]"):
-        model_from_checkpoint(without, *_caches(own, "test"))
+        model_from_checkpoint(without, *split_caches(own, "test"))
     for path in own.models["bert"].iterdir():
         path.unlink()
     code, message = run_cli("eval", "--checkpoint", run / "best.pt", "--device", "cpu")
@@ -222,7 +206,7 @@ def test_a_cnn_tail_gives_the_last_layers_tokens_to_the_head(world: TailWorld,
                                       text_tag="bert", epochs=1)
             if not s.startswith("data.features=")] + [f"data.features={features}"]
     run = tmp_path / "run"
-    code, output = _train_cli(run, sets)
+    code, output = train_cli(run, sets)
     assert code == 0, output
     state = load_checkpoint(run / "best.pt")
     spec = state["image_spec"]

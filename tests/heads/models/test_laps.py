@@ -196,3 +196,30 @@ def test_learns_synthetic_structured_data():
 
 
 # ----------------------------------------------------------------------------- registry, configs
+
+
+def test_explain_exposes_the_selection_and_fusion_of_each_pair():
+    """The picture hook: per caption x image, the paper's s_j = a_j + b_j, its top-K and the
+    fusion softmax over the dropped patches; the score is the same with or without it."""
+    world, images, texts, _ = make_data(n_images=3)
+    head = LapsHead(world.image_spec, world.text_spec, embed_dim=24, keep_ratio=0.5,
+                    aggr_ratio=0.5).double().eval()
+    with torch.no_grad():
+        img, txt = head.encode_images(images), head.encode_texts(texts)
+        before = head.score(img, txt)
+        out = head.explain(img, txt)
+        assert torch.equal(out["keep"], head.select(img, txt))
+        assert torch.equal(head.score(img, txt), before)
+        for i in range(len(images)):
+            tokens = head.vision_proj(images.tokens[i][images.mask[i]])
+            patches = tokens[head.patch_start:head.patch_start + head.num_patches]
+            for t in range(len(texts)):
+                words = head.text_proj(texts.tokens[t][texts.mask[t]])
+                s = (torch.nn.functional.cosine_similarity(patches, patches.mean(0), dim=-1)
+                     + torch.nn.functional.cosine_similarity(patches, words.mean(0), dim=-1))
+                torch.testing.assert_close(out["scores"][t, i], s)
+                keep = out["keep"][t, i]
+                assert int(keep.sum()) == head.slimming.num_keep
+                assert s[keep].min() >= s[~keep].max()
+                torch.testing.assert_close(out["fuse"][t, i][~keep], torch.softmax(s[~keep], 0))
+                assert not out["fuse"][t, i][keep].any()

@@ -79,3 +79,22 @@ def test_learns_synthetic_pairs() -> None:
     head = build_head("scan", world.image_spec, world.text_spec, embed_dim=32)
     recall = train_and_recall(head, InfoNCELoss(), world, steps=150, lr=1e-2)
     assert recall > 0.3, recall                       # chance: 0.01
+
+
+def test_attention_is_the_alpha_of_the_direct_formula() -> None:
+    """The picture hook: word-to-region attention of aligned pairs, as in step 2 of the paper
+    over the valid words and regions (rows of valid words sum to 1, padding regions get 0)."""
+    world = SyntheticWorld(seed=2)
+    head = _head(world)
+    images, texts, _ = world.sample(4)
+    with torch.no_grad():
+        img, txt = head.encode_images(images), head.encode_texts(texts)
+        attention = head.attention(img, txt)
+        for p in range(4):
+            words, regions = txt["tokens"][p][txt["mask"][p]], img["tokens"][p][img["mask"][p]]
+            s = F.leaky_relu(regions @ words.t(), 0.1)
+            s = s / (s.norm(dim=1, keepdim=True) + 1e-8)
+            alpha = torch.softmax(9.0 * s.t(), dim=1)
+            got = attention[p][txt["mask"][p]]
+            torch.testing.assert_close(got[:, img["mask"][p]], alpha, atol=1e-5, rtol=1e-4)
+            assert not got[:, ~img["mask"][p]].any()

@@ -1,0 +1,203 @@
+"""Queries against an index folder: ``search.open_index(path)`` -> `Index`, whose ``query_text``
+and ``query_image`` return ranked `Results` (``cli search`` and ``cli serve`` wrap them).
+
+A text query is tokenised by the run's text encoder with its cached limit (``max_length``): a
+longer query is truncated to the limit and `Results.notes` says so (the caches of training were
+truncated the same way). Token states are rounded to fp16 as in a cache, encoded by the head's text
+side and searched in the faiss index. An image query goes through the run's image backbone and the
+head's image side. ``rerank`` re-scores the first K hits of a text query with an interaction head
+(``--fine``) over the index's own image cache, which must hold that run's features.
+
+The index needs only its folder; text and image queries also load the checkpoint named in its
+manifest (or ``checkpoint=``), which must be the file the index was built with (same SHA-256).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cache.batch import IdsBatch, InputBatch, PixelBatch, TokenBatch
+from cache.errors import CacheMismatchError, InputError
+from cache.store import ImageCache
+from extract.datasets import load_rgb
+from extract.encoders import ImageEncoder, TextEncoder
+from heads.base import Encoded
+from heads.checkpoint import load_checkpoint
+from heads.eval.scoring import encode_cache, inference, similarity_matrix
+from heads.sources import RetrievalModel
+from search import ann
+from search.index import read_manifest
+from search.model import (
+    checkpoint_sha256,
+    image_encoder,
+    interaction_mode,
+    load_model,
+    text_encoder,
+)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result: 1-based rank, score, photo path relative to the images root, cache row; after a
+    re-rank ``coarse`` holds the embedding score the shortlist was cut by."""
+
+    rank: int
+    score: float
+    path: str
+    row: int
+    coarse: float | None = None
+
+
+@dataclass
+class Results:
+    """The hits of one query, best first, and notes for the user (e.g. a truncated query)."""
+
+    query: str
+    hits: list[Hit]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"query": self.query, "notes": self.notes,
+                "hits": [{k: v for k, v in asdict(hit).items() if v is not None}
+                         for hit in self.hits]}
+
+
+def _tokens(states: torch.Tensor) -> TokenBatch:
+    """Backbone states ``[1, L, D]`` as a cached batch would give them (fp16-rounded, all valid)."""
+    tokens = states.float().cpu().half().float()
+    return TokenBatch(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool))
+
+
+def encode_text(model: RetrievalModel, encoder: TextEncoder, text: str,
+                device: torch.device) -> tuple[Encoded, list[str]]:
+    """The head's encoding of a text query, and a note when the query was truncated."""
+    if not text.strip():
+        raise InputError("the text query is empty")
+    length = len(encoder.tokenizer(text, add_special_tokens=True)["input_ids"])
+    notes = []
+    if length > encoder.max_length:
+        notes.append(f"the query is {length} tokens, longer than the {encoder.max_length} of the "
+                     f"text encoder {encoder.name}; only the first {encoder.max_length} are used")
+    input_ids, mask = encoder.pad_batch(encoder.tokenize([text]))
+    if model.text_source.reads == "ids":          # an e2e side: its tuned backbone reads ids
+        batch: InputBatch = IdsBatch(input_ids, mask.bool())
+    else:
+        encoder.to(device)
+        with torch.inference_mode():
+            batch = _tokens(encoder(input_ids.to(device), mask.to(device)))
+    with inference(model.to(device), device):
+        return model.encode_texts(batch.to(device)), notes
+
+
+class Index:
+    """An index folder opened for queries (see the module docstring)."""
+
+    def __init__(self, folder: str | Path, checkpoint: str | Path | None = None,
+                 device: torch.device | None = None) -> None:
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        self.root = Path(self.manifest["images_root"])
+        self.device = torch.device("cpu") if device is None else device
+        self._checkpoint = Path(checkpoint or self.manifest["checkpoint"]["path"])
+        self.paths = {entry["row"]: entry["path"] for entry in self.manifest["photos"]}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @cached_property
+    def faiss(self) -> Any:
+        return ann.load_index(str(self.folder / self.manifest["faiss"]))
+
+    @cached_property
+    def cache(self) -> ImageCache:
+        return ImageCache(self.folder / self.manifest["cache"])
+
+    @cached_property
+    def state(self) -> dict[str, Any]:
+        state = load_checkpoint(self._checkpoint)
+        if checkpoint_sha256(self._checkpoint) != self.manifest["checkpoint"]["sha256"]:
+            raise InputError(f"{self._checkpoint}: not the checkpoint {self.folder} was built "
+                             "with (its SHA-256 differs); rebuild the index with cli index")
+        return state
+
+    @cached_property
+    def model(self) -> RetrievalModel:
+        return load_model(self.state, self.cache, self.manifest["checkpoint"]["mode"])
+
+    @cached_property
+    def text_encoder(self) -> TextEncoder:
+        return text_encoder(self.state["features"]["text"], str(self._checkpoint))
+
+    @cached_property
+    def image_encoder(self) -> ImageEncoder:
+        return image_encoder(self.state["features"]["image"], str(self._checkpoint))
+
+    def file(self, path: str) -> Path:
+        """The photo file of a hit's relative path."""
+        return self.root / path
+
+    def search(self, embedding: torch.Tensor, k: int) -> list[Hit]:
+        """The ``k`` nearest photos of one embedding ``[1, d]``."""
+        if k < 1:
+            raise InputError(f"-k must be >= 1, got {k}")
+        scores, ids = ann.search(self.faiss, embedding.float().cpu().numpy(), k)
+        pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
+        return [Hit(rank, score, self.paths[row], row)
+                for rank, (score, row) in enumerate(pairs, start=1)]
+
+    def query_text(self, text: str, k: int = 20) -> Results:
+        """The ``k`` photos that best match a text query."""
+        encoded, notes = encode_text(self.model, self.text_encoder, text, self.device)
+        return Results(text, self.search(encoded["emb"], k), notes)
+
+    def query_image(self, path: str | Path, k: int = 20) -> Results:
+        """The ``k`` photos most similar to the photo at ``path`` (InputError if it does not
+        decode)."""
+        encoder = self.image_encoder.to(self.device)
+        pixels = encoder.transform(load_rgb(path)).unsqueeze(0).to(self.device)
+        if self.model.image_source.reads == "pixels":   # an e2e side: its tuned backbone
+            batch: InputBatch = PixelBatch(pixels)
+        else:
+            with torch.inference_mode():
+                batch = _tokens(encoder(pixels))
+        with inference(self.model.to(self.device), self.device):
+            encoded = self.model.encode_images(batch.to(self.device))
+        return Results(str(path), self.search(encoded["emb"], k))
+
+    def rerank(self, results: Results, fine: str | Path, top: int) -> Results:
+        """``results`` of a text query with its first ``top`` hits re-scored and re-ordered by the
+        interaction branch of the run ``fine``; the other hits follow in their order."""
+        if top < 1:
+            raise InputError(f"--rerank must be >= 1, got {top}")
+        state = load_checkpoint(fine)
+        try:
+            model = load_model(state, self.cache, interaction_mode(state))
+        except CacheMismatchError as err:
+            raise InputError(f"--fine {fine}: it was trained on other image features than the "
+                             f"index's cache ({err}); index with a run on its backbone") from None
+        encoder = (self.text_encoder if state["features"]["text"] == self.state["features"]["text"]
+                   else text_encoder(state["features"]["text"], str(fine)))
+        texts, notes = encode_text(model, encoder, results.query, self.device)
+        head, tail = results.hits[:top], results.hits[top:]
+        if not head:
+            return results
+        rows = np.array([hit.row for hit in head])
+        images = encode_cache(model, self.cache, self.device, rows=rows)
+        scores = similarity_matrix(model, images, texts, self.device)[:, 0].tolist()
+        order = sorted(range(len(head)), key=lambda i: -scores[i])
+        hits = [Hit(rank, scores[i], head[i].path, head[i].row, head[i].score)
+                for rank, i in enumerate(order, start=1)]
+        hits += [Hit(len(hits) + n, hit.score, hit.path, hit.row) for n, hit in
+                 enumerate(tail, start=1)]
+        return Results(results.query, hits, results.notes + notes)
+
+
+def open_index(path: str | Path, checkpoint: str | Path | None = None,
+               device: torch.device | None = None) -> Index:
+    """Open an index folder written by ``cli index`` (checkpoint: override the manifest's)."""
+    return Index(path, checkpoint, device)
