@@ -1,9 +1,9 @@
 """Stage-two commands: ``cli train-head``, ``cli eval`` and ``cli export-backbone``.
 
 The commands only parse options and print; the work is in ``heads.train`` (training),
-``heads.eval.evaluate`` (scoring and metrics), ``heads.export`` (a tail run's tuned backbone) and
-the helpers below (resolving configs, opening the caches of a checkpoint), which other commands and
-options reuse.
+``heads.eval.evaluate`` (scoring and metrics), ``heads.export`` (a tail or e2e run's tuned
+backbone) and the helpers below (resolving configs, opening the caches of a checkpoint), which
+other commands and options reuse.
 """
 from __future__ import annotations
 
@@ -206,7 +206,7 @@ def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str 
 @dataclass(frozen=True)
 class EvalRun:
     """What one ``cli eval`` call evaluates: a checkpoint's model (its head behind its token
-    sources, a tuned tail included), the caches, where and how."""
+    sources, a tuned tail or e2e backbone included), the caches, where and how."""
 
     checkpoint: str
     state: dict[str, Any]
@@ -301,13 +301,13 @@ def run_two_stage(run: EvalRun, request: TwoStageRequest) -> None:
 @click.command("export-backbone")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--side", required=True, type=click.Choice(["image", "text"]),
-              help="The tuned (data.<side>_source: tail) side whose backbone to write.")
+              help="The tuned (data.<side>_source: tail or e2e) side whose backbone to write.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder to write (refused if it exists and is not empty, unless --overwrite).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out once the new folder is "
                                                 "complete.")
 def export_backbone(checkpoint: str, side: str, out: str, overwrite: bool) -> None:
-    """Write the backbone a tail run tuned as weights that cli extract --weights loads.
+    """Write the backbone a tail or e2e run tuned as weights that cli extract --weights loads.
 
     The original weights with the run's tuned blocks after layer K and final norm, plus
     conversion.json, whose description becomes the weights note of caches extracted from it.

@@ -5,7 +5,7 @@
 all-gathering the encodings with gradient (the head's compute is split over the ranks) or by
 all-gathering the head's input token batches (any head; every rank computes the global batch).
 Either way the gradient DDP averages equals the one-process gradient of the global batch. The token
-sources (``heads.sources``: a tuned backbone tail) run first, on each rank's own rows, before
+sources (``heads.sources``: a tuned tail or whole backbone) run first, on each rank's own rows, before
 anything is gathered; what they output is gathered with its gradient.
 """
 from __future__ import annotations

@@ -29,7 +29,8 @@
   loss, RNGs of every rank), so the next epoch equals the one of an uninterrupted run;
 * under ``torchrun`` (``WORLD_SIZE > 1``): DistributedDataParallel over ``heads.distributed``'s
   loss module, so the averaged gradient equals the one-process gradient of the global batch.
-  BatchNorm layers become SyncBatchNorm on CUDA (``run.sync_batchnorm``); on the CPU (gloo) each
+  The head's BatchNorm layers become SyncBatchNorm on CUDA (``run.sync_batchnorm``; a tuned
+  backbone's frozen BatchNorm never does); on the CPU (gloo) each
   rank normalises with its own slice's statistics. Dev evaluation and checkpoints run on rank 0.
 """
 from __future__ import annotations
@@ -366,8 +367,8 @@ class Trainer:
         if self.dist.world_size == 1:
             return module
         cuda = self.dist.device.type == "cuda"
-        if cuda and run["sync_batchnorm"]:  # BatchNorm statistics of the global batch
-            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        if cuda and run["sync_batchnorm"]:
+            sync_head_batchnorm(self.model)
         return nn.parallel.DistributedDataParallel(
             module, device_ids=[self.dist.device] if cuda else None,
             find_unused_parameters=run["find_unused_parameters"])
@@ -549,6 +550,12 @@ class Trainer:
         """Leave the process group if this trainer joined it."""
         if self.dist.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def sync_head_batchnorm(model: RetrievalModel) -> None:
+    """The head's BatchNorm layers as SyncBatchNorm (statistics of the global batch, same
+    parameters); the sources' BatchNorm layers, frozen in a tuned backbone, stay as they are."""
+    model.head = nn.SyncBatchNorm.convert_sync_batchnorm(model.head)
 
 
 def _named_backbone(named: dict[str, Any] | None, cache: ImageCache | TextCache,

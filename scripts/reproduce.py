@@ -221,11 +221,11 @@ def all_rows() -> list[Row]:
         trained("vse-infonce-tuned-text", "VSE∞ (InfoNCE, the config) on the frozen cache of the "
                 "MiniLM that `linear-text-tail` tuned", "--config configs/f8k_vse_infonce.yaml "
                 "--set data.text=minilm_tuned", needs=(EFFNET, TUNED)),
-        *(trained(f"{head}-tuned-text", f"{head.upper()} (the config) on the frozen cache of the "
-                  "MiniLM that `linear-text-tail` tuned; re-ranks `linear-tuned-text`'s top 100",
-                  f"--config configs/f8k_{head}_effnet.yaml --set data.text=minilm_tuned",
-                  f"--rerank-topk 100 --shortlist {run_dir('linear-tuned-text')}/best.pt",
-                  (EFFNET, TUNED, "linear-tuned-text")) for head in ("laps", "caa")),
+        trained("laps-tuned-text", "LAPS (the config) on the frozen cache of the MiniLM that "
+                "`linear-text-tail` tuned; re-ranks `linear-tuned-text`'s top 100",
+                "--config configs/f8k_laps_effnet.yaml --set data.text=minilm_tuned",
+                f"--rerank-topk 100 --shortlist {run_dir('linear-tuned-text')}/best.pt",
+                (EFFNET, TUNED, "linear-tuned-text")),
         trained("vse-hinge", "VSE∞ with its hinge recipe, 4 epochs (lr ×0.1 after 3)",
                 '--config configs/f8k_vse.yaml --set optim.epochs=4 --set "optim.milestones=[3]"'),
         trained("vse-infonce", "VSE∞ with InfoNCE, the config (3 epochs)",

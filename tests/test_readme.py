@@ -288,7 +288,7 @@ def test_training_row_resolves_to_a_config_on_caches_it_needs(
     config = resolve_train_config(params["config_path"], params["overrides"], params["head"],
                                   Path(params["out"]), params["resume"], params["features"],
                                   params["dataset"])
-    assert config["run"]["threads"] == 1
+    assert config["run"]["threads"] in (1, 2)      # rows name their threads (e2e rows: two)
     produced = {Path(out).name for need in closure(row.name)
                 for out in reproduce.ROWS[need].outputs}
     for modality in ("image", "text"):

@@ -72,3 +72,14 @@ def test_search():
     for kind in ("hnsw", "ivf-pq"):
         assert re.search(rf"ratio {kind}/flat: build \d+\.\d+, p50 latency \d+\.\d+, "
                          rf"recall@10 \d\.\d+", out), out
+
+
+def test_index(tmp_path):
+    from tests.search.world import make_photo_world
+
+    world = make_photo_world(tmp_path / "world")
+    out = run_bench("index.py", "--checkpoint", str(world.checkpoint), "--split", "test",
+                    "--data-path", str(world.tail.data), "--batch-size", "4", "--workers", "0",
+                    "--captions", "6")
+    assert re.search(r"ratio index / extract \(images/s\): \d+\.\d+", out), out
+    assert re.search(r"t2i_r10: search \d+\.\d+   eval None", out), out

@@ -17,8 +17,8 @@ from heads.checkpoint import load_checkpoint, model_from_checkpoint
 from heads.config import load_config
 from heads.eval.evaluate import evaluate
 from heads.raw_inputs import CaptionIds, WordPieceAugment, training_transform
-from heads.sources import BackboneTokens, SourceOptions, build_source
-from heads.train import Trainer, layer_scales
+from heads.sources import BackboneTokens, RetrievalModel, SourceOptions, build_source
+from heads.train import Trainer, layer_scales, sync_head_batchnorm
 from tests.extract.cli_helpers import run_cli
 from tests.heads.tail_world import (DATASET, TailWorld, make_tail_world, split_caches,
                                     tail_overrides, train_cli, assert_refused)
@@ -238,6 +238,12 @@ def test_a_cnn_backbone_keeps_its_batchnorm_frozen(tmp_path: Path) -> None:
     source(PixelBatch(torch.randn(2, 3, 32, 32))).tokens.sum().backward()
     assert torch.equal(norms[0].running_mean, stats) and norms[0].weight.grad is not None
 
+    head = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    model = RetrievalModel(head, image_source=source)      # DDP on CUDA: only the head syncs
+    sync_head_batchnorm(model)
+    assert isinstance(model.head[1], torch.nn.SyncBatchNorm)
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in source.modules())
+
 
 def test_an_e2e_backbone_exports_as_weights_cli_extract_loads(world: TailWorld,
                                                                tmp_path: Path) -> None:
@@ -259,3 +265,24 @@ def test_an_e2e_backbone_exports_as_weights_cli_extract_loads(world: TailWorld,
     code, output = run_cli("export-backbone", run / "best.pt", "--side", "image", "--out",
                            tmp_path / "image")
     assert code == 2 and "only a tail or e2e side has a backbone to export" in output, output
+
+
+def test_the_augmentation_shift_script_reads_the_same_rows_both_ways(world: TailWorld,
+                                                                      tmp_path: Path) -> None:
+    import re
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    code, output = train_cli(run, tail_overrides(world, image_tag="dinov2", text_tag="bert",
+                                                 epochs=1))
+    assert code == 0, output
+    script = Path(__file__).resolve().parents[2] / "scripts" / "augmentation_shift.py"
+    done = subprocess.run([sys.executable, str(script), "--checkpoint", str(run / "best.pt"),
+                           "--batches", "2", "--batch-size", "16", "--threads", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    losses = dict(re.findall(r"^  (.+?)\s+loss (\d+\.\d+)$", done.stdout, re.MULTILINE))
+    assert len(losses) == 5, done.stdout
+    assert float(losses["e2e, no augmentation"]) == pytest.approx(
+        float(losses["cached tokens"]), abs=2e-3)                  # fp16 rounding of the cache
