@@ -226,6 +226,12 @@ def all_rows() -> list[Row]:
                 "--config configs/f8k_laps_effnet.yaml --set data.text=minilm_tuned",
                 f"--rerank-topk 100 --shortlist {run_dir('linear-tuned-text')}/best.pt",
                 (EFFNET, TUNED, "linear-tuned-text")),
+        Row("laps-tuned-text-fused", "the run of `laps-tuned-text` re-ranking "
+            "`linear-tuned-text`'s top 100 by fine + 2 × coarse score",
+            (evaluate("laps-tuned-text", f"--rerank-topk 100 --shortlist "
+                      f"{run_dir('linear-tuned-text')}/best.pt --fuse-weight 2 --json "
+                      f"{run_dir('laps-tuned-text')}/eval-test-rerank100_100-fuse2.json"),),
+            ("laps-tuned-text", "linear-tuned-text")),
         trained("vse-hinge", "VSE∞ with its hinge recipe, 4 epochs (lr ×0.1 after 3)",
                 '--config configs/f8k_vse.yaml --set optim.epochs=4 --set "optim.milestones=[3]"'),
         trained("vse-infonce", "VSE∞ with InfoNCE, the config (3 epochs)",
