@@ -132,8 +132,7 @@ def _draw_recalls(ax: Axes, reports: list[EvalReport]) -> None:
     ax.set_ylim(0, 100)
     ax.tick_params(labelsize=7)
     splits = sorted({r.split for r in reports if r.split})
-    rsums = ", ".join(f"{r.metrics['rsum']:.1f}" for r in reports)
-    ax.set_title(f"recall {'/'.join(splits)} (rsum {rsums})", fontsize=9)
+    ax.set_title(f"recall on {'/'.join(splits) or 'eval'} (rsum in the legend)", fontsize=9)
     ax.legend(fontsize=6, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
 
