@@ -131,6 +131,25 @@ def patch_family_rows() -> list[Row]:
     return rows
 
 
+def tuned_text_rows() -> list[Row]:
+    """``laps`` / ``caa`` on the cache of the MiniLM that ``linear-text-tail`` tuned, re-ranking
+    ``linear-tuned-text``'s top 100, alone and fused."""
+    shortlist = f"--rerank-topk 100 --shortlist {run_dir('linear-tuned-text')}/best.pt"
+    rows: list[Row] = []
+    for head in ("laps", "caa"):
+        run = f"{head}-tuned-text"
+        rows.append(trained(run, f"{head.upper()} (the config) on the frozen cache of the MiniLM "
+                            "that `linear-text-tail` tuned; re-ranks `linear-tuned-text`'s top 100",
+                            f"--config configs/f8k_{head}_effnet.yaml --set data.text=minilm_tuned",
+                            shortlist, (EFFNET, TUNED, "linear-tuned-text")))
+        report = f"{run_dir(run)}/eval-test-rerank100_100-fuse2.json"
+        rows.append(Row(f"{run}-fused", f"the run of `{run}` re-ranking `linear-tuned-text`'s top "
+                        "100 by fine + 2 × coarse score",
+                        (evaluate(run, f"{shortlist} --fuse-weight 2 --json {report}"),),
+                        (run, "linear-tuned-text")))
+    return rows
+
+
 def two_branch_rows() -> list[Row]:
     """The ``tgdt`` and ``aladin`` rows: one training run, several evaluations."""
     tgdt_global = f"{run_dir('tgdt')}/eval-test-global.json"
@@ -221,17 +240,7 @@ def all_rows() -> list[Row]:
         trained("vse-infonce-tuned-text", "VSE∞ (InfoNCE, the config) on the frozen cache of the "
                 "MiniLM that `linear-text-tail` tuned", "--config configs/f8k_vse_infonce.yaml "
                 "--set data.text=minilm_tuned", needs=(EFFNET, TUNED)),
-        trained("laps-tuned-text", "LAPS (the config) on the frozen cache of the MiniLM that "
-                "`linear-text-tail` tuned; re-ranks `linear-tuned-text`'s top 100",
-                "--config configs/f8k_laps_effnet.yaml --set data.text=minilm_tuned",
-                f"--rerank-topk 100 --shortlist {run_dir('linear-tuned-text')}/best.pt",
-                (EFFNET, TUNED, "linear-tuned-text")),
-        Row("laps-tuned-text-fused", "the run of `laps-tuned-text` re-ranking "
-            "`linear-tuned-text`'s top 100 by fine + 2 × coarse score",
-            (evaluate("laps-tuned-text", f"--rerank-topk 100 --shortlist "
-                      f"{run_dir('linear-tuned-text')}/best.pt --fuse-weight 2 --json "
-                      f"{run_dir('laps-tuned-text')}/eval-test-rerank100_100-fuse2.json"),),
-            ("laps-tuned-text", "linear-tuned-text")),
+        *tuned_text_rows(),
         trained("vse-hinge", "VSE∞ with its hinge recipe, 4 epochs (lr ×0.1 after 3)",
                 '--config configs/f8k_vse.yaml --set optim.epochs=4 --set "optim.milestones=[3]"'),
         trained("vse-infonce", "VSE∞ with InfoNCE, the config (3 epochs)",
