@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache.batch import IdsBatch, PixelBatch, TokenBatch  # noqa: E402
+from cache.batch import IdsBatch, PixelBatch, TokenBatch, as_cached  # noqa: E402
 from cache.device import resolve_device  # noqa: E402
 from cache.errors import InputError  # noqa: E402
 from extract.backbones import create_image_encoder, create_text_encoder  # noqa: E402
@@ -103,12 +103,6 @@ def _ones(tokens: Tensor) -> Tensor:
     return torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
 
 
-def _cached(tokens: Tensor, mask: Tensor) -> TokenBatch:
-    """Tokens as a cache hands them back: fp16-rounded, padding zero, no graph."""
-    tokens = tokens.detach().half().float() * mask.unsqueeze(-1)
-    return TokenBatch(tokens, mask)
-
-
 def _trainable(source: nn.Module, checkpointing: bool = False) -> list[nn.Parameter]:
     """Put a source in train mode (its BatchNorm stays frozen); all its weights train."""
     source.train().requires_grad_(True)
@@ -144,8 +138,8 @@ def text_side(batch: int, layer: int, device: torch.device) -> Side:
     ids, attention = (t.to(device) for t in full.pad_batch(captions))
     mask = attention.bool()
     with torch.no_grad():
-        at_k = _cached(lower(input_ids=ids, attention_mask=attention).last_hidden_state, mask)
-        cached = _cached(full(ids, attention), mask)
+        at_k = as_cached(lower(input_ids=ids, attention_mask=attention).last_hidden_state, mask)
+        cached = as_cached(full(ids, attention), mask)
 
     def frozen_lower() -> TokenBatch:
         with torch.no_grad():
@@ -169,9 +163,9 @@ def image_side(batch: int, layer: int, device: torch.device) -> Side:
     pixels = (torch.rand(batch, 3, 224, 224, generator=generator) * 2 - 1).to(device)
     with torch.no_grad():
         stage = lower(pixels)                       # forward_intermediates stops at stage K
-        at_k = _cached(stage, _ones(stage))
+        at_k = as_cached(stage, _ones(stage))
         tokens = full(pixels)
-        cached = _cached(tokens, _ones(tokens))
+        cached = as_cached(tokens, _ones(tokens))
 
     def frozen_lower() -> TokenBatch:
         with torch.no_grad():

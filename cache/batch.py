@@ -81,5 +81,15 @@ class PixelBatch:
         return PixelBatch(self.pixels.pin_memory())
 
 
+def as_cached(tokens: Tensor, mask: Tensor | None = None) -> TokenBatch:
+    """Backbone states ``[B, T, D]`` as a cache hands them back: no graph, rounded to fp16 and
+    back to float32, padding zero (``mask``: True = valid; default every token)."""
+    if mask is None:
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+    mask = mask.bool()
+    rounded = tokens.detach().half().float() * mask.unsqueeze(-1)
+    return TokenBatch(rounded, mask)
+
+
 InputBatch = TokenBatch | IdsBatch | PixelBatch
 """What a DataLoader gives a side's token source."""

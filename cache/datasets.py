@@ -319,25 +319,25 @@ class PairBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.texts)
 
-    def __getitem__(self, item: tuple[int, np.ndarray]) -> tuple[TokenBatch, TokenBatch, Tensor]:
+    def __getitem__(self, item: tuple[int, np.ndarray]) -> tuple[Any, Any, Tensor]:
         epoch, rows = item
         rows = np.asarray(rows, np.int64)
         image_rows = self.image_index[rows]
-        keys = (self.seed, epoch)
-        image_lengths, text_lengths = self.image_lengths[image_rows], self.text_lengths[rows]
-        img_order, img_len = self.image_drop.keep_order(
-            image_lengths, (*keys, _SIDE["image"], rows), int(image_lengths.max(initial=1)))
-        txt_order, txt_len = self.text_drop.keep_order(
-            text_lengths, (*keys, _SIDE["text"], rows), int(text_lengths.max(initial=1)))
-        if "image" in self.readers:
-            images = self.readers["image"].read(image_rows, epoch)
-        else:
-            images = _gather(*self.table.images(image_rows), img_order, img_len, self.dtype)
-        if "text" in self.readers:
-            texts = self.readers["text"].read(rows, epoch)
-        else:
-            texts = _gather(*self.table.texts(rows), txt_order, txt_len, self.dtype)
+        images = self._side("image", image_rows, rows, epoch, self.image_lengths[image_rows],
+                            self.image_drop, self.table.images)
+        texts = self._side("text", rows, rows, epoch, self.text_lengths[rows], self.text_drop,
+                           self.table.texts)
         return images, texts, torch.from_numpy(image_rows)
+
+    def _side(self, side: str, side_rows: np.ndarray, caption_rows: np.ndarray, epoch: int,
+              lengths: np.ndarray, drop: TokenDrop, read: Any) -> Any:
+        """One side's batch: its reader's, or the cached tokens after token drop (drawn per
+        caption row)."""
+        if side in self.readers:
+            return self.readers[side].read(side_rows, epoch)
+        order, width = drop.keep_order(lengths, (self.seed, epoch, _SIDE[side], caption_rows),
+                                       int(lengths.max(initial=1)))
+        return _gather(*read(side_rows), order, width, self.dtype)
 
 
 def check_pairing(image_cache: ImageCache, text_cache: TextCache) -> Tensor:

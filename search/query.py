@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache.batch import IdsBatch, InputBatch, PixelBatch, TokenBatch
+from cache.batch import IdsBatch, InputBatch, PixelBatch, as_cached
 from cache.errors import CacheMismatchError, InputError
 from cache.store import ImageCache
 from extract.datasets import load_rgb
@@ -67,12 +67,6 @@ class Results:
                          for hit in self.hits]}
 
 
-def _tokens(states: torch.Tensor) -> TokenBatch:
-    """Backbone states ``[1, L, D]`` as a cached batch would give them (fp16-rounded, all valid)."""
-    tokens = states.float().cpu().half().float()
-    return TokenBatch(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool))
-
-
 def encode_text(model: RetrievalModel, encoder: TextEncoder, text: str,
                 device: torch.device) -> tuple[Encoded, list[str]]:
     """The head's encoding of a text query, and a note when the query was truncated."""
@@ -89,7 +83,7 @@ def encode_text(model: RetrievalModel, encoder: TextEncoder, text: str,
     else:
         encoder.to(device)
         with torch.inference_mode():
-            batch = _tokens(encoder(input_ids.to(device), mask.to(device)))
+            batch = as_cached(encoder(input_ids.to(device), mask.to(device)).cpu())
     with inference(model.to(device), device):
         return model.encode_texts(batch.to(device)), notes
 
@@ -164,7 +158,7 @@ class Index:
             batch: InputBatch = PixelBatch(pixels)
         else:
             with torch.inference_mode():
-                batch = _tokens(encoder(pixels))
+                batch = as_cached(encoder(pixels).cpu())
         with inference(self.model.to(self.device), self.device):
             encoded = self.model.encode_images(batch.to(self.device))
         return Results(str(path), self.search(encoded["emb"], k))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cache.batch import IdsBatch, InputBatch, PixelBatch, TokenBatch
+from cache.batch import IdsBatch, InputBatch, PixelBatch, as_cached
 from cache.errors import InputError
 from extract.recorded import recorded_encoder
 from extract.datasets import SplitIndex
@@ -35,11 +35,6 @@ class Pair:
     seen: Image.Image              # the image as the backbone saw it (resized, no crop)
     caption: str
     checkpoint: str
-
-
-def _as_cached(tokens: torch.Tensor, mask: torch.Tensor) -> TokenBatch:
-    """Backbone outputs as a head reads them from a cache: rounded to fp16, then float32."""
-    return TokenBatch(tokens.half().float(), mask.bool())
 
 
 def load_pair(checkpoint: str | Path, image_path: str | Path, caption: str,
@@ -78,9 +73,9 @@ def load_pair(checkpoint: str | Path, image_path: str | Path, caption: str,
     with torch.no_grad():
         if model.image_source.reads == "tokens":
             tokens = image_encoder(pixels)
-            image_input = _as_cached(tokens, torch.ones(tokens.shape[:2]))
+            image_input = as_cached(tokens)
         if model.text_source.reads == "tokens":
-            text_input = _as_cached(text_encoder(input_ids, attention), attention)
+            text_input = as_cached(text_encoder(input_ids, attention), attention)
     return Pair(model=model, image=image_input, text=text_input,
                 words=text_encoder.tokenizer.convert_ids_to_tokens(ids[0]),
                 seen=as_seen(image, image_encoder.preprocessing), caption=caption,

@@ -280,9 +280,29 @@ def test_the_augmentation_shift_script_reads_the_same_rows_both_ways(world: Tail
     script = Path(__file__).resolve().parents[2] / "scripts" / "augmentation_shift.py"
     done = subprocess.run([sys.executable, str(script), "--checkpoint", str(run / "best.pt"),
                            "--batches", "2", "--batch-size", "16", "--threads", "1"],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     losses = dict(re.findall(r"^  (.+?)\s+loss (\d+\.\d+)$", done.stdout, re.MULTILINE))
     assert len(losses) == 5, done.stdout
     assert float(losses["e2e, no augmentation"]) == pytest.approx(
         float(losses["cached tokens"]), abs=2e-3)                  # fp16 rounding of the cache
+
+
+def test_photos_without_a_recorded_folder_and_tokenizers_without_mask_are_refused(
+        tmp_path: Path) -> None:
+    from transformers import BertTokenizer
+
+    from cache.errors import InputError
+    from heads.raw_inputs import images_root
+    from tests.heads.synthetic_caches import write_dataset
+
+    synthetic = write_dataset(tmp_path / "synthetic", train=4, dev=2, test=2)
+    images = ImageCache(next(synthetic.rglob("image-*.h5")))
+    with pytest.raises(InputError, match=r"image-.*\.h5: the cache does not record where its "
+                                         r"photos are .* set data\.images_root"):
+        images_root(images, None)
+    assert images_root(images, tmp_path) == tmp_path            # data.images_root / --photos
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\ndog\n")
+    tokenizer = BertTokenizer(vocab_file=str(tmp_path / "vocab.txt"), mask_token=None)
+    with pytest.raises(InputError, match="has no \\[MASK\\] token.*data.text_augment=0"):
+        WordPieceAugment.for_tokenizer(tokenizer)

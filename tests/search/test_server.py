@@ -22,6 +22,7 @@ from tests.search.world import PhotoWorld
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+HANG_GUARD_S = 3600   # selenium needs a deadline: this one only stops a hung browser, never a slow one
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def served(photo_world: PhotoWorld, tmp_path_factory: pytest.TempPathFactory
 
 def _get(url: str) -> tuple[int, str, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=60) as reply:
+        with urllib.request.urlopen(url) as reply:
             return reply.status, reply.headers["Content-Type"], reply.read()
     except urllib.error.HTTPError as err:
         return err.code, err.headers["Content-Type"], err.read()
@@ -107,11 +108,11 @@ def test_the_page_in_a_headless_browser(served: tuple[Index, str, Path], tmp_pat
         box = driver.find_element(By.ID, "q")
         box.send_keys("a green triangle")
         driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-        WebDriverWait(driver, 60).until(
+        WebDriverWait(driver, HANG_GUARD_S).until(
             ready.presence_of_element_located((By.CSS_SELECTOR, "#results figure.hit")))
         first = driver.find_element(By.CSS_SELECTOR, "#results figure.hit")
         assert first.get_attribute("data-path") == expected
-        WebDriverWait(driver, 60).until(lambda d: d.execute_script(
+        WebDriverWait(driver, HANG_GUARD_S).until(lambda d: d.execute_script(
             "const i = document.querySelector('#results img'); "
             "return i.complete && i.naturalWidth > 0;"))
         assert driver.save_screenshot(str(tmp_path / "search.png"))
