@@ -9,6 +9,10 @@ each side counts.
     python bench/extract.py --limit 300 --backbone efficientnet_lite0 --batch-size 64
 
 The ratio printed last is runner time / bare time, measured in the same run (target <= 1.15).
+With ``--layers 6,8,10,-1`` it measures instead one pass writing the caches of those layers
+(``cli extract --layer 6,8,10,-1``) against one runner call per layer, alternating likewise:
+
+    python bench/extract.py --backbone dinov2 --weights imgfocus-dinov2-s14 --layers 6,8,10,-1
 """
 from __future__ import annotations
 
@@ -25,10 +29,11 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from extract.backbones import create_image_encoder  # noqa: E402
+from extract.backbones import create_image_encoder, create_image_encoders  # noqa: E402
 from extract.datasets import ImageDataset, load_split  # noqa: E402
 from cache.device import resolve_device  # noqa: E402
-from extract.runner import RunOptions, extract_images, limit_split  # noqa: E402
+from extract.runner import (RunOptions, extract_image_layers, extract_images,  # noqa: E402
+                           limit_split)
 from bench.machine import print_machine  # noqa: E402
 
 
@@ -52,6 +57,45 @@ def runner_pass(index, encoder, options: RunOptions, out: Path) -> float:
     return time.perf_counter() - start
 
 
+def layers_pass(index, encoders, options: RunOptions, folder: Path) -> float:
+    """One pass writing the cache of every encoder (layer)."""
+    start = time.perf_counter()
+    extract_image_layers(index, encoders, [folder / f"layer{i}.h5" for i in range(len(encoders))],
+                         options)
+    return time.perf_counter() - start
+
+
+def per_layer_passes(index, encoders, options: RunOptions, folder: Path) -> float:
+    """One runner call per encoder (layer), as separate ``cli extract --layer K`` calls do."""
+    start = time.perf_counter()
+    for i, encoder in enumerate(encoders):
+        extract_images(index, encoder, folder / f"single{i}.h5", options)
+    return time.perf_counter() - start
+
+
+def compare_layers(index, args, options: RunOptions) -> None:
+    """Print one pass over several layers against one pass per layer."""
+    layers = [int(k) for k in args.layers.split(",")]
+    encoders = create_image_encoders(args.backbone, args.weights, layers)
+    for encoder in encoders:
+        encoder.to(options.device)
+    together, apart = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):
+            apart.append(per_layer_passes(index, encoders, options, Path(tmp)))
+            together.append(layers_pass(index, encoders, options, Path(tmp)))
+    n = index.num_images
+    print(f"{n} {args.dataset}/{args.split} images, {args.backbone} layers {layers} on "
+          f"{options.device}, batch {args.batch_size}, {args.workers} decoding workers, torch "
+          f"threads {torch.get_num_threads()}; best of {args.repeats}")
+    print(f"{'loop':<44}{'seconds':>10}{'images/s':>10}")
+    print(f"{'one runner call per layer':<44}{min(apart):>10.2f}{n / min(apart):>10.1f}")
+    print(f"{'one pass over every layer':<44}{min(together):>10.2f}{n / min(together):>10.1f}")
+    print(f"all passes (s): per layer {[round(t, 2) for t in apart]}, one pass "
+          f"{[round(t, 2) for t in together]}")
+    print(f"ratio one pass / per layer = {min(together) / min(apart):.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-path", type=Path, default=REPO.parent / "shared" / "data" / "f8k")
@@ -66,6 +110,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=2, help="passes per side (best counts)")
+    parser.add_argument("--layers", help="comma-separated layers: one pass over all of them vs "
+                                         "one runner call per layer")
     args = parser.parse_args()
     print_machine()
     if not (args.data_path / f"{args.split}_caps.txt").exists():
@@ -74,9 +120,12 @@ def main() -> None:
 
     index = limit_split(load_split(args.dataset, args.data_path, args.split, args.images),
                         args.limit)
-    encoder = create_image_encoder(args.backbone, args.weights)
     options = RunOptions(batch_size=args.batch_size, workers=args.workers,
                          device=resolve_device(args.device), overwrite=True, progress=False)
+    if args.layers:
+        compare_layers(index, args, options)
+        return
+    encoder = create_image_encoder(args.backbone, args.weights)
     encoder.to(options.device)
     n = index.num_images
     for row in range(n):  # warm the page cache: both sides read the same, already cached files

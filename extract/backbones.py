@@ -62,7 +62,7 @@ every image encoder is a PIL resize to resolution x resolution (no crop) plus no
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -116,6 +116,17 @@ def create_image_encoder(
     return factory(layer=layer, **kwargs).eval()
 
 
+def create_image_encoders(
+    name: str, weights: str | None, layers: Sequence[int], resolution: int | None = None
+) -> list[ImageEncoder]:
+    """One encoder per layer of one backbone, all sharing the first one's model (for one pass
+    over several layers: `ImageEncoder.forward_layers`)."""
+    encoders = [create_image_encoder(name, weights, layer, resolution) for layer in layers]
+    for encoder in encoders[1:]:
+        encoder.model = encoders[0].model
+    return encoders
+
+
 def create_text_encoder(name: str, weights: str | None = None, layer: int = -1, max_length: int = 128) -> TextEncoder:
     """Build a registered text encoder in eval mode; None means the encoder's default weights."""
     factory = _lookup(_TEXT_ENCODERS, name, "text")
@@ -167,6 +178,11 @@ class _ViTTokens(ImageEncoder):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixels, output_hidden_states=self.layer != -1, **self.forward_kwargs)
         return out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
+
+    def forward_layers(self, pixels: torch.Tensor, encoders: Sequence[ImageEncoder]) -> list[torch.Tensor]:
+        """Every layer the encoders name from one pass of the blocks."""
+        out = self.model(pixel_values=pixels, output_hidden_states=True, **self.forward_kwargs)
+        return [out.last_hidden_state if e.layer == -1 else out.hidden_states[e.layer] for e in encoders]
 
 
 @register_image_encoder("dinov2")
@@ -227,6 +243,12 @@ class _SwinTokens(ImageEncoder):
             return self.model(pixel_values=pixels).last_hidden_state
         out = self.model(pixel_values=pixels, output_hidden_states=True, output_hidden_states_before_downsampling=True)
         return out.reshaped_hidden_states[self.layer].flatten(2).transpose(1, 2)
+
+    def forward_layers(self, pixels: torch.Tensor, encoders: Sequence[ImageEncoder]) -> list[torch.Tensor]:
+        """Every stage the encoders name from one pass."""
+        out = self.model(pixel_values=pixels, output_hidden_states=True, output_hidden_states_before_downsampling=True)
+        return [out.last_hidden_state if e.layer == -1 else out.reshaped_hidden_states[e.layer].flatten(2).transpose(1, 2)
+                for e in encoders]
 
 
 @register_image_encoder("swin")

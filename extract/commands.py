@@ -40,14 +40,38 @@ def _report(reports: list[FileReport], out: Path, dataset: str, shard: Shard,
     click.echo(f"summary: {path}")
 
 
+def _layers(value: str) -> list[int]:
+    """``--layer`` values: one layer, or several comma-separated (order kept)."""
+    try:
+        layers = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise InputError(f"--layer {value!r}: give a layer number or several, comma-separated "
+                         "(6,8,10,-1)") from None
+    if not layers:
+        raise InputError("--layer: no layer named")
+    if len(set(layers)) != len(layers):
+        raise InputError(f"--layer {value!r} names a layer twice")
+    return layers
+
+
+def _layer_tags(tag: str, layers: list[int]) -> list[str]:
+    """The image file tag of each layer: ``tag`` for one layer; ``<tag>_l<K>`` for several
+    (``tag`` itself for the final output, -1)."""
+    if len(layers) == 1:
+        return [tag]
+    return [tag if layer == -1 else f"{tag}_l{layer}" for layer in layers]
+
+
 @click.command()
 @click.option("--backbone", help="Image encoder (dinov2, vit, swin, efficientnet_lite0, timm).")
 @click.option("--weights", help="Image weights: named offline id, local folder/file or hub id. "
                                 "timm: a timm model folder (config.json naming the architecture), "
                                 "ARCH=FILE (a timm name and a state-dict file) or a timm name.")
-@click.option("--layer", type=int, default=-1, show_default=True,
+@click.option("--layer", "layer_arg", default="-1", show_default=True,
               help="Image encoder layer (-1 = final output; efficientnet_lite0, timm: "
-                   "K = entry K of timm's feature_info, a stage or a ViT block from 0).")
+                   "K = entry K of timm's feature_info, a stage or a ViT block from 0). Several, "
+                   "comma-separated (6,8,10,-1): one pass over the photos writes one cache per "
+                   "layer, tagged <tag>_l<K> (-1: <tag>).")
 @click.option("--resolution", type=int, help="Input resolution in pixels (default: the encoder's).")
 @click.option("--text-encoder", help="Text encoder (bert, minilm).")
 @click.option("--text-weights", help="Text weights: named offline id, local folder or hub id.")
@@ -83,7 +107,7 @@ def _report(reports: list[FileReport], out: Path, dataset: str, shard: Shard,
 @click.option("--world-size", type=int, help="Number of shards (default: $WORLD_SIZE).")
 @click.option("--merge", is_flag=True,
               help="Join the finished shard files of a sharded run into normal cache files.")
-def extract(backbone: str | None, weights: str | None, layer: int, resolution: int | None,
+def extract(backbone: str | None, weights: str | None, layer_arg: str, resolution: int | None,
             text_encoder: str | None, text_weights: str | None, text_layer: int, max_length: int,
             dataset: str, data_path: str | None, images: str | None, split_args: tuple[str, ...],
             out: str, tag: str | None, text_tag: str | None, batch_size: int, workers: int,
@@ -102,7 +126,7 @@ def extract(backbone: str | None, weights: str | None, layer: int, resolution: i
     An interrupted run resumes when the same command is run again: complete files with the same
     settings and rows are kept, a partial file continues from its last committed row.
     """
-    from extract.backbones import (create_image_encoder, create_text_encoder,
+    from extract.backbones import (create_image_encoders, create_text_encoder,
                                    list_image_encoders, list_text_encoders)
     from extract.datasets import load_split
 
@@ -120,11 +144,16 @@ def extract(backbone: str | None, weights: str | None, layer: int, resolution: i
         raise InputError(f"--threads must be >= 1, got {threads}")
     if overwrite and skip_existing:
         raise InputError("--overwrite and --skip-existing exclude each other")
-    targets = [(modality, name, runner.output_path(out, dataset, split, modality, t or name), split)
-               for split in splits
-               for modality, name, t in (("image", backbone, tag), ("text", text_encoder, text_tag))
-               if name]
-    settings = {"backbone": backbone, "weights": weights, "layer": layer,
+    layers = _layers(layer_arg)
+    image_tags = _layer_tags(tag or backbone, layers) if backbone else []
+    targets = {split: {"image": [runner.output_path(out, dataset, split, "image", t)
+                                 for t in image_tags],
+                       "text": [runner.output_path(out, dataset, split, "text",
+                                                   text_tag or text_encoder)]
+                       if text_encoder else []}
+               for split in splits}
+    settings = {"backbone": backbone, "weights": weights,
+                "layer": layers[0] if len(layers) == 1 else layers,
                 "resolution": resolution, "text_encoder": text_encoder,
                 "text_weights": text_weights, "text_layer": text_layer, "max_length": max_length,
                 "dataset": dataset, "data_path": data_path, "images": images, "splits": splits,
@@ -132,7 +161,8 @@ def extract(backbone: str | None, weights: str | None, layer: int, resolution: i
                 "threads": threads, "limit": limit,
                 "merge": merge}
     if merge:
-        reports = [runner.merge_split_shards(path, overwrite) for _, _, path, _ in targets]
+        reports = [runner.merge_split_shards(path, overwrite)
+                   for split in splits for paths in targets[split].values() for path in paths]
         _report(reports, Path(out), dataset, Shard(), settings, "merge-summary")
         return
 
@@ -148,19 +178,27 @@ def extract(backbone: str | None, weights: str | None, layer: int, resolution: i
     indexes = {split: runner.limit_split(load_split(dataset, data_path, split,
                                                     images if backbone else None), limit)
                for split in splits}
-    image_encoder = (create_image_encoder(backbone, weights, layer, resolution)
-                     if backbone else None)
+    image_encoders = (create_image_encoders(backbone, weights, layers, resolution)
+                      if backbone else [])
     text_model = (create_text_encoder(text_encoder, text_weights, text_layer, max_length)
                   if text_encoder else None)
-    encoders = {"image": image_encoder, "text": text_model}
     if not overwrite:  # a complete file of other settings anywhere stops the command before any work
-        for modality, _, path, split in targets:
-            runner.is_done(modality, indexes[split], encoders[modality], path, shard)
+        for split in splits:
+            for encoder, path in zip(image_encoders, targets[split]["image"]):
+                runner.is_done("image", indexes[split], encoder, path, shard)
+            for path in targets[split]["text"]:
+                runner.is_done("text", indexes[split], text_model, path, shard)
     reports = []
-    for modality, _, path, split in targets:
-        run = runner.extract_images if modality == "image" else runner.extract_texts
-        reports.append(run(indexes[split], encoders[modality], path, options, shard))
-        _echo_file(reports[-1])
+    for split in splits:
+        if image_encoders:
+            done = runner.extract_image_layers(indexes[split], image_encoders,
+                                               targets[split]["image"], options, shard)
+            for report in done:
+                reports.append(report)
+                _echo_file(report)
+        for path in targets[split]["text"]:
+            reports.append(runner.extract_texts(indexes[split], text_model, path, options, shard))
+            _echo_file(reports[-1])
     _report(reports, Path(out), dataset, shard, settings)
     if shard.sharded:
         click.echo("shards written; when every rank has finished, join them with the same "

@@ -69,6 +69,12 @@ class ImageEncoder(nn.Module):
         """Tokens ``[B, T, D]`` of normalised pixels ``[B, 3, resolution, resolution]``."""
         raise NotImplementedError
 
+    def forward_layers(self, pixels: torch.Tensor, encoders: Sequence["ImageEncoder"]) -> list[torch.Tensor]:
+        """The tokens of each of ``encoders`` (this backbone at other layers, see
+        `extract.runner.check_shared_backbone`) for the same pixels. This base runs one forward per
+        encoder; backbones that return every layer in one pass override it."""
+        return [encoder(pixels) for encoder in encoders]
+
 
 class TextEncoder(nn.Module):
     """A BERT-style text encoder returning the hidden states of ``layer`` for every token.

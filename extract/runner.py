@@ -1,7 +1,8 @@
 """The extraction loop: decode -> forward -> write, resumable, shardable over ranks.
 
 One call of `extract_images` / `extract_texts` writes one cache file (one split, one modality, one
-encoder) through `cache.store`'s writers:
+encoder) through `cache.store`'s writers; `extract_image_layers` writes the caches of several layers
+of one backbone from one pass over the photos:
 
 * images are decoded in DataLoader workers (``ImageDataset``), batched, run through the frozen
   encoder under ``torch.inference_mode`` (bf16 autocast on CUDA, pinned memory and non-blocking copies)
@@ -27,7 +28,7 @@ import json
 import os
 import re
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -306,40 +307,99 @@ def extract_images(index: SplitIndex, encoder: ImageEncoder, path: Path, options
                    shard: Shard = Shard()) -> FileReport:
     """Write (or resume, or keep: `keep_existing`) the image cache of a split (this rank's shard of
     it) at ``path``."""
-    target, attrs, ids = _target("image", index, encoder, path, shard)
-    if not options.overwrite and keep_existing(target, attrs, ids):
-        return kept_report(target, attrs)
+    (report,) = extract_image_layers(index, [encoder], [path], options, shard)
+    return report
+
+
+def check_shared_backbone(encoders: Sequence[ImageEncoder]) -> None:
+    """InputError unless ``encoders`` are one backbone (name, weights, resolution) at distinct
+    layers, as one pass over several layers needs."""
+    first = encoders[0]
+    for other in encoders[1:]:
+        same = (other.name, other.weights_hash, other.resolution) == (
+            first.name, first.weights_hash, first.resolution)
+        if not same:
+            raise InputError(f"one pass over several layers needs one backbone: {other.name} "
+                             f"{other.weights_id} at {other.resolution} px differs from "
+                             f"{first.name} {first.weights_id} at {first.resolution} px")
+    layers = [encoder.layer for encoder in encoders]
+    if len(set(layers)) != len(layers):
+        raise InputError(f"--layer names a layer twice: {layers}")
+
+
+def extract_image_layers(index: SplitIndex, encoders: Sequence[ImageEncoder], paths: Sequence[Path],
+                         options: RunOptions, shard: Shard = Shard()) -> list[FileReport]:
+    """Write the image caches of several layers of one backbone in one pass over the photos: the
+    cache of ``encoders[i]`` (layer ``encoders[i].layer``) at ``paths[i]``.
+
+    Each file is kept, resumed or written on its own terms (`keep_existing`); the pass starts at the
+    lowest committed row of the unfinished files and a file already further on skips the rows it
+    has. The first encoder runs the backbone once per batch (`ImageEncoder.forward_layers`).
+    """
+    check_shared_backbone(encoders)
+    targets = [_target("image", index, encoder, path, shard)
+               for encoder, path in zip(encoders, paths)]
+    reports: dict[int, FileReport] = {}
+    todo = []
+    for i, (target, attrs, ids) in enumerate(targets):
+        if not options.overwrite and keep_existing(target, attrs, ids):
+            reports[i] = kept_report(target, attrs)
+        else:
+            todo.append(i)
+    if todo:
+        if index.image_paths is None:
+            raise InputError(f"{index.dataset}/{index.split}: image paths unknown (needs "
+                             "id_mapping.json beside the caption files and --images)")
+        for i, report in zip(todo, _write_image_layers(index, [encoders[i] for i in todo],
+                                                       [targets[i] for i in todo], options,
+                                                       shard)):
+            reports[i] = report
+    return [reports[i] for i in range(len(targets))]
+
+
+def _write_image_layers(index: SplitIndex, encoders: Sequence[ImageEncoder],
+                        targets: Sequence[tuple[Path, CacheAttrs, list[str]]], options: RunOptions,
+                        shard: Shard) -> list[FileReport]:
     start, stop = shard.bounds(index.num_images)
-    if index.image_paths is None:
-        raise InputError(f"{index.dataset}/{index.split}: image paths unknown (needs "
-                         "id_mapping.json beside the caption files and --images)")
     rel_paths = index.image_paths[start:stop]
     began = time.perf_counter()
-    with ImageCacheWriter(target, attrs, ids, rel_paths, overwrite=options.overwrite) as writer:
-        done = writer.rows_written
-        dataset = Subset(ImageDataset(index, encoder.transform), range(start + done, stop))
+    with ExitStack() as stack:
+        writers = [stack.enter_context(ImageCacheWriter(target, attrs, ids, rel_paths,
+                                                        overwrite=options.overwrite))
+                   for target, attrs, ids in targets]
+        resumed = [writer.rows_written for writer in writers]
+        done = min(resumed)
+        dataset = Subset(ImageDataset(index, encoders[0].transform), range(start + done, stop))
         loader = DataLoader(dataset, batch_size=options.batch_size, num_workers=options.workers,
                             pin_memory=options.cuda, shuffle=False)
         to_host = _ToHost(options.device)
-        encoder.to(options.device)
-        with _progress(options, target, stop - start, done, "img") as bar, \
+        first = encoders[0].to(options.device)
+        with _progress(options, targets[0][0], stop - start, done, "img") as bar, \
                 torch.inference_mode(), _autocast(options):
-            def write(tokens: np.ndarray, rows: torch.Tensor) -> None:
-                if int(rows[0]) != start + writer.rows_written:
+            def write(tokens: np.ndarray, meta: tuple[torch.Tensor, int]) -> None:
+                rows, which = meta
+                writer = writers[which]
+                skip = start + writer.rows_written - int(rows[0])
+                if not 0 <= skip <= len(tokens):
                     raise RuntimeError(f"batch starts at row {int(rows[0])}, expected "
                                        f"{start + writer.rows_written}")
-                writer.append(tokens)
-                bar.update(len(tokens))
+                if skip < len(tokens):
+                    writer.append(tokens[skip:])
+                if which == len(writers) - 1:
+                    bar.update(len(tokens))
 
             for rows, pixels in loader:
-                out = encoder(pixels.to(options.device, non_blocking=True))
-                for tokens, batch_rows in to_host.push(out, rows):
-                    write(tokens, batch_rows)
-            for tokens, batch_rows in to_host.flush():
-                write(tokens, batch_rows)
-        final = writer.finish()
-    return FileReport(final, "image", index.split, attrs.num_items, done,
-                      time.perf_counter() - began, "resumed" if done else "written")
+                outs = first.forward_layers(pixels.to(options.device, non_blocking=True), encoders)
+                for which, out in enumerate(outs):
+                    for tokens, meta in to_host.push(out, (rows, which)):
+                        write(tokens, meta)
+            for tokens, meta in to_host.flush():
+                write(tokens, meta)
+        finals = [writer.finish() for writer in writers]
+    seconds = time.perf_counter() - began
+    return [FileReport(final, "image", index.split, attrs.num_items, rows_done, seconds,
+                       "resumed" if rows_done else "written")
+            for final, (_, attrs, _), rows_done in zip(finals, targets, resumed)]
 
 
 def extract_texts(index: SplitIndex, encoder: TextEncoder, path: Path, options: RunOptions,

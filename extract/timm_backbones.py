@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import timm
@@ -80,25 +80,33 @@ class _TimmTokens(ImageEncoder):
         self.channels_last = getattr(model, "output_fmt", "NCHW") == "NHWC"
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.layer == -1:
-            tokens = self.model.forward_features(pixels)
+        return self.forward_layers(pixels, [self])[0]
+
+    def forward_layers(self, pixels: torch.Tensor, encoders: Sequence[ImageEncoder]) -> list[torch.Tensor]:
+        """The final features (``forward_features``) and every intermediate layer the encoders
+        name, the intermediates from one ``forward_intermediates`` pass that stops at the deepest."""
+        indices = sorted({encoder.layer for encoder in encoders if encoder.layer != -1})
+        found: dict[int, torch.Tensor] = {}
+        if any(encoder.layer == -1 for encoder in encoders):
+            final = self.model.forward_features(pixels)
             if self.own_prefix is None:
-                tokens = flatten_grid(tokens.permute(0, 3, 1, 2) if self.channels_last else tokens)
-        elif self.own_prefix:
-            ((grid, prefix),) = self.model.forward_intermediates(
-                pixels,
-                indices=[self.layer],
-                norm=False,
-                stop_early=True,
-                intermediates_only=True,
-                return_prefix_tokens=True,
-            )
-            tokens = torch.cat([prefix, flatten_grid(grid)], dim=1)
-        else:
-            (grid,) = self.model.forward_intermediates(
-                pixels, indices=[self.layer], norm=False, stop_early=True, intermediates_only=True
-            )
-            tokens = flatten_grid(grid)
+                final = flatten_grid(final.permute(0, 3, 1, 2) if self.channels_last else final)
+            found[-1] = final
+        if indices:
+            entries = self.model.forward_intermediates(
+                pixels, indices=indices, norm=False, stop_early=True, intermediates_only=True,
+                **({"return_prefix_tokens": True} if self.own_prefix else {}))
+            for index, entry in zip(indices, entries):
+                if self.own_prefix:
+                    grid, prefix = entry
+                    found[index] = torch.cat([prefix, flatten_grid(grid)], dim=1)
+                else:
+                    found[index] = flatten_grid(entry)
+        return [encoder.checked_tokens(found[encoder.layer]) for encoder in encoders]
+
+    def checked_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """This layer's tokens behind the grid mean (feature-map models), checked against the
+        layout."""
         if self.own_prefix is None:
             tokens = with_mean_token(tokens)
         if tokens.shape[1:] != (self.layout.num_tokens, self.layout.dim):

@@ -27,8 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = "../shared/data"
 EFFNET = "cache-effnet-minilm"
 DINOV2 = "cache-dinov2"
+DINOV2_LAYERS = "cache-dinov2-layers"
 MINILM_L4 = "cache-minilm-l4"
 TUNED = "cache-minilm-tuned"
+TUNED_E2E = "cache-minilm-e2e"
 EFFNET_L3 = "cache-effnet-l3"
 LINEAR_TOP100 = "--rerank-topk 100 --shortlist runs/f8k_linear/best.pt"
 ONE_EPOCH = '--set optim.epochs=1 --set "optim.milestones=[1]"'
@@ -131,22 +133,75 @@ def patch_family_rows() -> list[Row]:
     return rows
 
 
-def tuned_text_rows() -> list[Row]:
-    """``laps`` / ``caa`` on the cache of the MiniLM that ``linear-text-tail`` tuned, re-ranking
-    ``linear-tuned-text``'s top 100, alone and fused."""
-    shortlist = f"--rerank-topk 100 --shortlist {run_dir('linear-tuned-text')}/best.pt"
+def tuned_text_rows(tag: str = "tuned-text", cache: str = TUNED, text: str = "minilm_tuned",
+                    tuned_by: str = "linear-text-tail",
+                    heads: tuple[str, ...] = ("laps", "caa")) -> list[Row]:
+    """``heads`` on the cache ``text`` of the MiniLM that ``tuned_by`` tuned (cache row
+    ``cache``), re-ranking ``linear-<tag>``'s top 100, alone and fused."""
+    linear = f"linear-{tag}"
+    shortlist = f"--rerank-topk 100 --shortlist {run_dir(linear)}/best.pt"
     rows: list[Row] = []
-    for head in ("laps", "caa"):
-        run = f"{head}-tuned-text"
+    for head in heads:
+        run = f"{head}-{tag}"
         rows.append(trained(run, f"{head.upper()} (the config) on the frozen cache of the MiniLM "
-                            "that `linear-text-tail` tuned; re-ranks `linear-tuned-text`'s top 100",
-                            f"--config configs/f8k_{head}_effnet.yaml --set data.text=minilm_tuned",
-                            shortlist, (EFFNET, TUNED, "linear-tuned-text")))
+                            f"that `{tuned_by}` tuned; re-ranks `{linear}`'s top 100",
+                            f"--config configs/f8k_{head}_effnet.yaml --set data.text={text}",
+                            shortlist, (EFFNET, cache, linear)))
         report = f"{run_dir(run)}/eval-test-rerank100_100-fuse2.json"
-        rows.append(Row(f"{run}-fused", f"the run of `{run}` re-ranking `linear-tuned-text`'s top "
+        rows.append(Row(f"{run}-fused", f"the run of `{run}` re-ranking `{linear}`'s top "
                         "100 by fine + 2 × coarse score",
                         (evaluate(run, f"{shortlist} --fuse-weight 2 --json {report}"),),
-                        (run, "linear-tuned-text")))
+                        (run, linear)))
+    return rows
+
+
+def e2e_tuned_text_rows() -> list[Row]:
+    """The MiniLM that `linear-text-e2e` tuned end to end, exported and cached once; the linear
+    and CAA heads on that cache."""
+    folder = "tuned/minilm_e2e_linear"
+    cache = Row(TUNED_E2E, "MiniLM as `linear-text-e2e` tuned it (all layers), exported and "
+                "extracted at its last layer (tag minilm_e2e)",
+                (f"python cli.py export-backbone {run_dir('linear-text-e2e')}/best.pt --side text "
+                 f"--out {folder} --overwrite",
+                 extract_command(f"--text-encoder minilm --text-weights {folder} "
+                                 "--text-tag minilm_e2e", images=False)),
+                ("linear-text-e2e",),
+                tuple(f"features/f8k/{split}/text-minilm_e2e.h5"
+                      for split in ("train", "dev", "test")))
+    linear = trained("linear-e2e-tuned-text", "a new linear head trained on the cache of the "
+                     "MiniLM that `linear-text-e2e` tuned (frozen), 3 epochs",
+                     "--config configs/f8k_linear.yaml --set optim.epochs=3 "
+                     "--set data.text=minilm_e2e", needs=(EFFNET, TUNED_E2E))
+    return [cache, linear, *tuned_text_rows("e2e-tuned-text", TUNED_E2E, "minilm_e2e",
+                                            "linear-text-e2e", ("caa",))]
+
+
+def dinov2_layer_rows() -> list[Row]:
+    """Which DINOv2 layer to cache: one pass writing layers 6, 8 and 10 (and the final output),
+    then the linear head of `linear-dinov2` on each."""
+    layers = (6, 8, 10)
+    rows = [extraction(DINOV2_LAYERS, "offline DINOv2 ViT-S/14 at layers 6, 8, 10 and the final "
+                       "output in one pass (tags dinov2_s14_l6, _l8, _l10, dinov2_s14)",
+                       "--backbone dinov2 --weights imgfocus-dinov2-s14 --tag dinov2_s14 "
+                       "--layer 6,8,10,-1",
+                       tuple(f"image-dinov2_s14_l{k}.h5" for k in layers))]
+    for k in layers:
+        rows.append(trained(f"linear-dinov2-l{k}", f"the linear head of `linear-dinov2` on "
+                            f"DINOv2's layer {k} (before the final norm), 3 epochs",
+                            f"--config configs/f8k_linear.yaml --set data.image=dinov2_s14_l{k} "
+                            "--set optim.epochs=3", needs=(EFFNET, DINOV2_LAYERS)))
+    warm = (f"--config configs/f8k_linear.yaml --set data.image=dinov2_s14_l10 "
+            "--set data.epoch_over=images --set optim.epochs=2 --set optim.batch_size=128 "
+            f'--set "optim.milestones=[]" --set init.checkpoint={run_dir("linear-dinov2-l10")}'
+            "/best.pt")
+    needs = (EFFNET, DINOV2_LAYERS, "linear-dinov2-l10")
+    rows.append(trained("linear-dinov2-l10-more", "the trained `linear-dinov2-l10` head, two more "
+                        "epochs over the photos (one random caption each, batch 128, constant lr) "
+                        "on the frozen layer-10 cache: the reference of `linear-dinov2-tail`",
+                        warm, needs=needs))
+    rows.append(trained("linear-dinov2-tail", "`linear-dinov2-l10-more` with DINOv2's last two "
+                        "blocks and final norm tuned from the layer-10 cache (image tail, lr ×0.1)",
+                        f"{warm} --set data.image_source=tail", needs=needs))
     return rows
 
 
@@ -240,7 +295,12 @@ def all_rows() -> list[Row]:
         trained("vse-infonce-tuned-text", "VSE∞ (InfoNCE, the config) on the frozen cache of the "
                 "MiniLM that `linear-text-tail` tuned", "--config configs/f8k_vse_infonce.yaml "
                 "--set data.text=minilm_tuned", needs=(EFFNET, TUNED)),
+        trained("hrem-tuned-text", "HREM (the config: InfoNCE base loss, mean pooling, 512-d, 3 "
+                "epochs) on the frozen cache of the MiniLM that `linear-text-tail` tuned",
+                "--config configs/f8k_hrem.yaml --set data.text=minilm_tuned",
+                needs=(EFFNET, TUNED)),
         *tuned_text_rows(),
+        *e2e_tuned_text_rows(),
         trained("vse-hinge", "VSE∞ with its hinge recipe, 4 epochs (lr ×0.1 after 3)",
                 '--config configs/f8k_vse.yaml --set optim.epochs=4 --set "optim.milestones=[3]"'),
         trained("vse-infonce", "VSE∞ with InfoNCE, the config (3 epochs)",
@@ -272,6 +332,7 @@ def all_rows() -> list[Row]:
         trained("linear-dinov2", "the linear head on the dinov2_s14 cache, 3 epochs",
                 "--config configs/f8k_linear.yaml --set data.image=dinov2_s14 "
                 "--set optim.epochs=3", needs=both),
+        *dinov2_layer_rows(),
         trained("hrem-dinov2", "HREM on dinov2_s14 at 256-d with max-2 pooling, 1 epoch (the "
                 "measured run was stopped after its first epoch; the graph never joined)",
                 "--config configs/f8k_hrem.yaml --set data.image=dinov2_s14 "

@@ -208,7 +208,23 @@ def test_swin_resolution_must_divide_every_stage(tiny):
         create_image_encoder("swin", weights=str(tiny["swin"]), resolution=72)
 
 
-# ---------------------------------------------------------------------------------- transforms
+# ------------------------------------------------------------------------- several layers, one pass
+
+
+@pytest.mark.parametrize("name, layers", [("dinov2", [0, 1, 2, -1]), ("vit", [2, -1, 1]),
+                                          ("swin", [0, 2, 3, -1])])
+def test_one_pass_over_several_layers_equals_one_forward_per_layer(tiny, name, layers):
+    resolution = 64 if name == "swin" else 32
+    encoders = [create_image_encoder(name, weights=str(tiny[name]), layer=layer, resolution=resolution)
+                for layer in layers]
+    pixels = torch.randn(2, 3, resolution, resolution)
+    with torch.no_grad():
+        together = encoders[0].forward_layers(pixels, encoders)
+        for encoder, tokens in zip(encoders, together):
+            assert tokens.shape[1:] == (encoder.layout.num_tokens, encoder.layout.dim)
+            torch.testing.assert_close(tokens, encoder(pixels))
+
+
 
 
 def test_transform_shape_range_and_pickling(tiny):

@@ -232,6 +232,83 @@ def test_rerun_after_a_kill_in_any_file_finishes_and_keeps_complete_files(
         np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(expected.tokens))
 
 
+# ------------------------------------------------------------------------- several layers, one pass
+
+
+def layer_args(data: Path, out: Path, tiny: dict[str, Path], layers: str, tag: str) -> list[object]:
+    return ["extract", "--backbone", "dinov2", "--weights", tiny["dinov2"], "--resolution", 32,
+            "--layer", layers, "--tag", tag, "--dataset", "f30k", "--data-path", data,
+            "--images", data / "images", "--out", out, "--device", "cpu", "--workers", 0,
+            "--split", "train", "--limit", 12, "--batch-size", 5]
+
+
+LAYER_FILES = ("image-d_l0.h5", "image-d_l1.h5", "image-d.h5")
+
+
+@pytest.fixture(scope="module")
+def layers_in_one_pass(demo, tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("layers")
+    code, output = run_cli(*layer_args(demo, out, tiny, "0,1,-1", "d"))
+    assert code == 0, output
+    return out
+
+
+def test_several_layers_in_one_pass_equal_one_call_per_layer(demo, tiny, layers_in_one_pass,
+                                                             tmp_path):
+    for name, layer in zip(LAYER_FILES, ("0", "1", "-1")):
+        code, output = run_cli(*layer_args(demo, tmp_path, tiny, layer, f"one{layer}"))
+        assert code == 0, output
+        got = open_cache(layers_in_one_pass / "f30k" / "train" / name)
+        expected = open_cache(tmp_path / "f30k" / "train" / f"image-one{layer}.h5")
+        assert got.attrs == expected.attrs and got.attrs.layer == int(layer)
+        np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(expected.tokens))
+    summary = json.loads((layers_in_one_pass / "f30k" / "extract-summary.json").read_text())
+    assert sorted(summary["files"]) == sorted(f"train/{name}" for name in LAYER_FILES)
+    assert summary["files"]["train/image-d.h5"]["settings"]["layer"] == [0, 1, -1]
+
+
+@pytest.mark.parametrize("appends", [1, 4, 5, 8])
+def test_a_pass_killed_between_its_layer_files_resumes_each_file(demo, tiny, layers_in_one_pass,
+                                                                 tmp_path, monkeypatch, appends):
+    """Killed after ``appends`` batch writes (one per layer file per batch, so the files stop at
+    different rows); the rerun resumes each file from its own row and equals the uninterrupted
+    pass."""
+    args = layer_args(demo, tmp_path, tiny, "0,1,-1", "d")
+    written: list[int] = []
+    with monkeypatch.context() as patch:
+        def append(self, *a, _append=ImageCacheWriter.append, **kw):
+            if len(written) == appends:
+                raise Killed(self.path)
+            _append(self, *a, **kw)
+            written.append(1)
+        patch.setattr(ImageCacheWriter, "append", append)
+        with pytest.raises(Killed):
+            run_cli(*args)
+    paths = [tmp_path / "f30k" / "train" / name for name in LAYER_FILES]
+    assert not any(path.exists() for path in paths)
+    code, output = run_cli(*args)
+    assert code == 0, output
+    for path in paths:
+        assert f"resumed {path} (" in output or f"written {path} (" in output
+        expected = open_cache(layers_in_one_pass / "f30k" / "train" / path.name)
+        got = open_cache(path)
+        assert got.attrs == expected.attrs
+        np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(expected.tokens))
+    code, output = run_cli(*args)
+    assert code == 0 and all(f"kept {path} (" in output for path in paths)
+
+
+@pytest.mark.parametrize("layers, message", [
+    ("1,1", "--layer '1,1' names a layer twice"),
+    ("one", "--layer 'one': give a layer number or several, comma-separated (6,8,10,-1)"),
+    ("0,5", "dinov2: layer must be -1 (final output) or 0..2, got 5"),
+])
+def test_bad_layer_lists_stop_before_any_file(demo, tiny, tmp_path, layers, message):
+    code, output = run_cli(*layer_args(demo, tmp_path, tiny, layers, "d"))
+    assert (code, output) == (2, message)
+    assert not (tmp_path / "f30k").exists()
+
+
 def test_a_file_of_other_settings_stops_the_command_before_any_work(demo, tiny, tmp_path):
     first = tiny_args(demo, tmp_path, tiny, "--split", "test", "--limit", 6, "--batch-size", 4)
     assert run_cli(*first)[0] == 0

@@ -159,6 +159,25 @@ def test_layer_k_is_timms_forward_intermediates(name, layer, side, dim, saved, o
     assert tokens.shape != final.shape or not torch.allclose(tokens, final)
 
 
+@pytest.mark.parametrize("name, layers", [("test_vit", [2, 0, -1]), ("test_vit_relpos", [1, -1]),
+                                          ("test_efficientnet", [1, 3, -1]), ("test_resnet", [0, 2])])
+def test_several_layers_take_one_intermediates_pass(name, layers, saved, monkeypatch):
+    encoders = [_timm(saved[name], layer=layer) for layer in layers]
+    pixels = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        one_by_one = [encoder(pixels) for encoder in encoders]
+        model = encoders[0].model
+        calls = []
+        original = model.forward_intermediates
+        monkeypatch.setattr(model, "forward_intermediates",
+                            lambda *a, **kw: calls.append(kw["indices"]) or original(*a, **kw))
+        together = encoders[0].forward_layers(pixels, encoders)
+    assert calls == [sorted(layer for layer in layers if layer != -1)]
+    for encoder, got, expected in zip(encoders, together, one_by_one):
+        assert got.shape[1:] == (encoder.layout.num_tokens, encoder.layout.dim)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_vit_last_block_differs_from_the_final_output_by_the_final_norm(saved, originals):
     enc = _timm(saved["test_vit"], layer=5)
     pixels = torch.randn(2, 3, 160, 160)
