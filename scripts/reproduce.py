@@ -269,6 +269,19 @@ def all_rows() -> list[Row]:
                    "efficientnet_lite0_l3: 14 x 14 x 112), for image tails",
                    "--backbone efficientnet_lite0 --layer 3 --tag efficientnet_lite0_l3",
                    ("image-efficientnet_lite0_l3.h5",)),
+        trained("caa-text-tail", "CAA (the config) tuning MiniLM's top two layers itself from the "
+                "layer-4 cache (text tail, lr ×0.1), as `linear-text-tail` does for the linear "
+                "head; re-ranks `linear-text-tail`'s top 100",
+                "--config configs/f8k_caa_effnet.yaml --set data.text=minilm_l4 "
+                "--set data.text_source=tail",
+                f"--rerank-topk 100 --shortlist {run_dir('linear-text-tail')}/best.pt",
+                needs=(EFFNET, MINILM_L4, "linear-text-tail")),
+        Row("caa-text-tail-fused", "the run of `caa-text-tail` re-ranking `linear-text-tail`'s top "
+            "100 by fine + 2 × coarse score",
+            (evaluate("caa-text-tail", f"--rerank-topk 100 --shortlist "
+                      f"{run_dir('linear-text-tail')}/best.pt --fuse-weight 2 --json "
+                      f"{run_dir('caa-text-tail')}/eval-test-rerank100_100-fuse2.json"),),
+            ("caa-text-tail", "linear-text-tail")),
         trained("linear-1epoch", "the linear head (InfoNCE), one epoch: the frozen reference of "
                 "`linear-image-tail`", f"--config configs/f8k_linear.yaml {ONE_EPOCH}"),
         trained("linear-image-tail", "the linear head with EfficientNet-Lite0's last two stages "
@@ -292,6 +305,18 @@ def all_rows() -> list[Row]:
                 "--set data.text_source=e2e --set optim.epochs=1 --set optim.batch_size=128 "
                 '--set "optim.milestones=[]" --set init.checkpoint=runs/f8k_linear/best.pt '
                 "--set data.num_workers=1", needs=(EFFNET, "linear"), threads=2),
+        trained("linear-e2e-2epochs", "`linear-e2e` for two epochs over the photos (constant lr)",
+                "--config configs/f8k_linear.yaml --set data.image_source=e2e "
+                "--set data.text_source=e2e --set optim.epochs=2 --set optim.batch_size=128 "
+                '--set "optim.milestones=[]" --set init.checkpoint=runs/f8k_linear/best.pt '
+                "--set data.num_workers=1", needs=(EFFNET, "linear"), threads=2),
+        trained("linear-e2e-text-aug5", "`linear-e2e-2epochs` with 5 % of the caption words "
+                "perturbed instead of 20 % (`data.text_augment`): the ablation of the perturbation",
+                "--config configs/f8k_linear.yaml --set data.image_source=e2e "
+                "--set data.text_source=e2e --set data.text_augment=0.05 --set optim.epochs=2 "
+                '--set optim.batch_size=128 --set "optim.milestones=[]" '
+                "--set init.checkpoint=runs/f8k_linear/best.pt --set data.num_workers=1",
+                needs=(EFFNET, "linear"), threads=2),
         trained("vse-infonce-tuned-text", "VSE∞ (InfoNCE, the config) on the frozen cache of the "
                 "MiniLM that `linear-text-tail` tuned", "--config configs/f8k_vse_infonce.yaml "
                 "--set data.text=minilm_tuned", needs=(EFFNET, TUNED)),
