@@ -75,6 +75,15 @@ def trained(name: str, description: str, options: str, eval_options: str = "",
                needs, (f"{run_dir(name)}/best.pt",))
 
 
+def fused(run: str, shortlist: str) -> Row:
+    """The run of row ``run`` re-ranking row ``shortlist``'s top 100 by fine + 2 × coarse score."""
+    options = f"--rerank-topk 100 --shortlist {run_dir(shortlist)}/best.pt"
+    report = f"{run_dir(run)}/eval-test-rerank100_100-fuse2.json"
+    return Row(f"{run}-fused", f"the run of `{run}` re-ranking `{shortlist}`'s top 100 by fine + "
+               "2 × coarse score", (evaluate(run, f"{options} --fuse-weight 2 --json {report}"),),
+               (run, shortlist))
+
+
 def extract_command(options: str, images: bool = True) -> str:
     """One ``cli extract`` call over every Flickr8k split (``images``: it reads the photos)."""
     photos = f" --images {DATA}/flickr8k-images" if images else ""
@@ -108,13 +117,7 @@ def patch_family_rows() -> list[Row]:
             rows.append(trained(f"{head}{suffix}", f"{head.upper()}, {what}; re-ranks linear's "
                                 "top 100", f"--config configs/f8k_{head}_effnet.yaml {options}",
                                 LINEAR_TOP100, needs))
-    for head in ("laps", "caa"):
-        run = f"{head}-b32-256"
-        report = f"{run_dir(run)}/eval-test-rerank100_100-fuse2.json"
-        rows.append(Row(f"{run}-fused", f"the run of `{run}` re-ranking linear's top 100 by "
-                        "fine + 2 × coarse score",
-                        (evaluate(run, f"{LINEAR_TOP100} --fuse-weight 2 --json {report}"),),
-                        (run, "linear")))
+    rows += [fused(f"{head}-b32-256", "linear") for head in ("laps", "caa")]
     for head in ("laps", "caa"):
         options = (f"--config configs/f8k_{head}_effnet.yaml {BATCH32} --set head.embed_dim=256 "
                    '--set optim.epochs=4 --set "optim.milestones=[3]"')
@@ -147,11 +150,7 @@ def tuned_text_rows(tag: str = "tuned-text", cache: str = TUNED, text: str = "mi
                             f"that `{tuned_by}` tuned; re-ranks `{linear}`'s top 100",
                             f"--config configs/f8k_{head}_effnet.yaml --set data.text={text}",
                             shortlist, (EFFNET, cache, linear)))
-        report = f"{run_dir(run)}/eval-test-rerank100_100-fuse2.json"
-        rows.append(Row(f"{run}-fused", f"the run of `{run}` re-ranking `{linear}`'s top "
-                        "100 by fine + 2 × coarse score",
-                        (evaluate(run, f"{shortlist} --fuse-weight 2 --json {report}"),),
-                        (run, linear)))
+        rows.append(fused(run, linear))
     return rows
 
 
@@ -276,12 +275,7 @@ def all_rows() -> list[Row]:
                 "--set data.text_source=tail",
                 f"--rerank-topk 100 --shortlist {run_dir('linear-text-tail')}/best.pt",
                 needs=(EFFNET, MINILM_L4, "linear-text-tail")),
-        Row("caa-text-tail-fused", "the run of `caa-text-tail` re-ranking `linear-text-tail`'s top "
-            "100 by fine + 2 × coarse score",
-            (evaluate("caa-text-tail", f"--rerank-topk 100 --shortlist "
-                      f"{run_dir('linear-text-tail')}/best.pt --fuse-weight 2 --json "
-                      f"{run_dir('caa-text-tail')}/eval-test-rerank100_100-fuse2.json"),),
-            ("caa-text-tail", "linear-text-tail")),
+        fused("caa-text-tail", "linear-text-tail"),
         trained("linear-1epoch", "the linear head (InfoNCE), one epoch: the frozen reference of "
                 "`linear-image-tail`", f"--config configs/f8k_linear.yaml {ONE_EPOCH}"),
         trained("linear-image-tail", "the linear head with EfficientNet-Lite0's last two stages "
@@ -290,6 +284,21 @@ def all_rows() -> list[Row]:
                 f"--config configs/f8k_linear.yaml {ONE_EPOCH} "
                 "--set data.image=efficientnet_lite0_l3 --set data.image_source=tail",
                 needs=(EFFNET, EFFNET_L3)),
+        trained("caa-1epoch", "CAA (the config) for one epoch: the frozen reference of "
+                "`caa-image-tail`; re-ranks `linear-1epoch`'s top 100",
+                f"--config configs/f8k_caa_effnet.yaml {ONE_EPOCH}",
+                f"--rerank-topk 100 --shortlist {run_dir('linear-1epoch')}/best.pt",
+                needs=(EFFNET, "linear-1epoch")),
+        fused("caa-1epoch", "linear-1epoch"),
+        trained("caa-image-tail", "CAA (the config) for one epoch with EfficientNet-Lite0's last "
+                "two stages and head conv tuned from the stage-3 cache (image tail, lr ×0.1, "
+                "BatchNorm frozen), as `linear-image-tail` does for the linear head; re-ranks "
+                "`linear-image-tail`'s top 100",
+                f"--config configs/f8k_caa_effnet.yaml {ONE_EPOCH} "
+                "--set data.image=efficientnet_lite0_l3 --set data.image_source=tail",
+                f"--rerank-topk 100 --shortlist {run_dir('linear-image-tail')}/best.pt",
+                needs=(EFFNET, EFFNET_L3, "linear-image-tail")),
+        fused("caa-image-tail", "linear-image-tail"),
         trained("linear-tuned-text", "a new linear head trained on the exported tuned MiniLM's "
                 "cache (frozen), 3 epochs",
                 "--config configs/f8k_linear.yaml --set optim.epochs=3 "
