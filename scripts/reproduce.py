@@ -276,6 +276,17 @@ def all_rows() -> list[Row]:
                 f"--rerank-topk 100 --shortlist {run_dir('linear-text-tail')}/best.pt",
                 needs=(EFFNET, MINILM_L4, "linear-text-tail")),
         fused("caa-text-tail", "linear-text-tail"),
+        trained("laps-text-tail", "LAPS (the config) tuning MiniLM's top two layers itself from "
+                "the layer-4 cache (text tail, lr ×0.1); re-ranks `linear-text-tail`'s top 100",
+                "--config configs/f8k_laps_effnet.yaml --set data.text=minilm_l4 "
+                "--set data.text_source=tail",
+                f"--rerank-topk 100 --shortlist {run_dir('linear-text-tail')}/best.pt",
+                needs=(EFFNET, MINILM_L4, "linear-text-tail")),
+        fused("laps-text-tail", "linear-text-tail"),
+        trained("vse-infonce-text-tail", "VSE∞ (InfoNCE, the config) tuning MiniLM's top two "
+                "layers itself from the layer-4 cache (text tail, lr ×0.1)",
+                "--config configs/f8k_vse_infonce.yaml --set data.text=minilm_l4 "
+                "--set data.text_source=tail", needs=(EFFNET, MINILM_L4)),
         trained("linear-1epoch", "the linear head (InfoNCE), one epoch: the frozen reference of "
                 "`linear-image-tail`", f"--config configs/f8k_linear.yaml {ONE_EPOCH}"),
         trained("linear-image-tail", "the linear head with EfficientNet-Lite0's last two stages "
