@@ -154,6 +154,27 @@ def tuned_text_rows(tag: str = "tuned-text", cache: str = TUNED, text: str = "mi
     return rows
 
 
+def own_text_tail_rows() -> list[Row]:
+    """``caa``, ``laps`` and ``vse`` (InfoNCE) tuning MiniLM's top two layers themselves from the
+    layer-4 cache, as `linear-text-tail` does for the linear head; the interaction heads re-rank
+    its top 100, alone and fused."""
+    tail = "--set data.text=minilm_l4 --set data.text_source=tail"
+    shortlist = f"--rerank-topk 100 --shortlist {run_dir('linear-text-tail')}/best.pt"
+    rows: list[Row] = []
+    for head in ("caa", "laps"):
+        rows.append(trained(f"{head}-text-tail", f"{head.upper()} (the config) tuning MiniLM's top "
+                            "two layers itself from the layer-4 cache (text tail, lr ×0.1); "
+                            "re-ranks `linear-text-tail`'s top 100",
+                            f"--config configs/f8k_{head}_effnet.yaml {tail}", shortlist,
+                            (EFFNET, MINILM_L4, "linear-text-tail")))
+        rows.append(fused(f"{head}-text-tail", "linear-text-tail"))
+    rows.append(trained("vse-infonce-text-tail", "VSE∞ (InfoNCE, the config) tuning MiniLM's top "
+                        "two layers itself from the layer-4 cache (text tail, lr ×0.1)",
+                        f"--config configs/f8k_vse_infonce.yaml {tail}",
+                        needs=(EFFNET, MINILM_L4)))
+    return rows
+
+
 def e2e_tuned_text_rows() -> list[Row]:
     """The MiniLM that `linear-text-e2e` tuned end to end, exported and cached once; the linear
     and CAA heads on that cache."""
@@ -268,25 +289,7 @@ def all_rows() -> list[Row]:
                    "efficientnet_lite0_l3: 14 x 14 x 112), for image tails",
                    "--backbone efficientnet_lite0 --layer 3 --tag efficientnet_lite0_l3",
                    ("image-efficientnet_lite0_l3.h5",)),
-        trained("caa-text-tail", "CAA (the config) tuning MiniLM's top two layers itself from the "
-                "layer-4 cache (text tail, lr ×0.1), as `linear-text-tail` does for the linear "
-                "head; re-ranks `linear-text-tail`'s top 100",
-                "--config configs/f8k_caa_effnet.yaml --set data.text=minilm_l4 "
-                "--set data.text_source=tail",
-                f"--rerank-topk 100 --shortlist {run_dir('linear-text-tail')}/best.pt",
-                needs=(EFFNET, MINILM_L4, "linear-text-tail")),
-        fused("caa-text-tail", "linear-text-tail"),
-        trained("laps-text-tail", "LAPS (the config) tuning MiniLM's top two layers itself from "
-                "the layer-4 cache (text tail, lr ×0.1); re-ranks `linear-text-tail`'s top 100",
-                "--config configs/f8k_laps_effnet.yaml --set data.text=minilm_l4 "
-                "--set data.text_source=tail",
-                f"--rerank-topk 100 --shortlist {run_dir('linear-text-tail')}/best.pt",
-                needs=(EFFNET, MINILM_L4, "linear-text-tail")),
-        fused("laps-text-tail", "linear-text-tail"),
-        trained("vse-infonce-text-tail", "VSE∞ (InfoNCE, the config) tuning MiniLM's top two "
-                "layers itself from the layer-4 cache (text tail, lr ×0.1)",
-                "--config configs/f8k_vse_infonce.yaml --set data.text=minilm_l4 "
-                "--set data.text_source=tail", needs=(EFFNET, MINILM_L4)),
+        *own_text_tail_rows(),
         trained("linear-1epoch", "the linear head (InfoNCE), one epoch: the frozen reference of "
                 "`linear-image-tail`", f"--config configs/f8k_linear.yaml {ONE_EPOCH}"),
         trained("linear-image-tail", "the linear head with EfficientNet-Lite0's last two stages "
