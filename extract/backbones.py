@@ -176,12 +176,13 @@ class _ViTTokens(ImageEncoder):
         self.forward_kwargs = forward_kwargs
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=pixels, output_hidden_states=self.layer != -1, **self.forward_kwargs)
-        return out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
+        return self.forward_layers(pixels, [self])[0]
 
     def forward_layers(self, pixels: torch.Tensor, encoders: Sequence[ImageEncoder]) -> list[torch.Tensor]:
-        """Every layer the encoders name from one pass of the blocks."""
-        out = self.model(pixel_values=pixels, output_hidden_states=True, **self.forward_kwargs)
+        """Every layer the encoders name from one pass of the blocks (hidden states kept only when
+        one of them is not the final output)."""
+        inner = any(e.layer != -1 for e in encoders)
+        out = self.model(pixel_values=pixels, output_hidden_states=inner, **self.forward_kwargs)
         return [out.last_hidden_state if e.layer == -1 else out.hidden_states[e.layer] for e in encoders]
 
 
@@ -239,14 +240,14 @@ class _SwinTokens(ImageEncoder):
     """transformers SwinModel: the final (LayerNorm-ed) 7x7 map, or a stage output before merging."""
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.layer == -1:
-            return self.model(pixel_values=pixels).last_hidden_state
-        out = self.model(pixel_values=pixels, output_hidden_states=True, output_hidden_states_before_downsampling=True)
-        return out.reshaped_hidden_states[self.layer].flatten(2).transpose(1, 2)
+        return self.forward_layers(pixels, [self])[0]
 
     def forward_layers(self, pixels: torch.Tensor, encoders: Sequence[ImageEncoder]) -> list[torch.Tensor]:
-        """Every stage the encoders name from one pass."""
-        out = self.model(pixel_values=pixels, output_hidden_states=True, output_hidden_states_before_downsampling=True)
+        """Every stage the encoders name from one pass (stage outputs kept only when one of them
+        is not the final output)."""
+        inner = any(e.layer != -1 for e in encoders)
+        out = self.model(pixel_values=pixels, output_hidden_states=inner,
+                         output_hidden_states_before_downsampling=inner)
         return [out.last_hidden_state if e.layer == -1 else out.reshaped_hidden_states[e.layer].flatten(2).transpose(1, 2)
                 for e in encoders]
 

@@ -312,8 +312,8 @@ def extract_images(index: SplitIndex, encoder: ImageEncoder, path: Path, options
 
 
 def check_shared_backbone(encoders: Sequence[ImageEncoder]) -> None:
-    """InputError unless ``encoders`` are one backbone (name, weights, resolution) at distinct
-    layers, as one pass over several layers needs."""
+    """InputError unless ``encoders`` are one backbone (name, weights, resolution), as one pass
+    over several layers needs."""
     first = encoders[0]
     for other in encoders[1:]:
         same = (other.name, other.weights_hash, other.resolution) == (
@@ -322,9 +322,6 @@ def check_shared_backbone(encoders: Sequence[ImageEncoder]) -> None:
             raise InputError(f"one pass over several layers needs one backbone: {other.name} "
                              f"{other.weights_id} at {other.resolution} px differs from "
                              f"{first.name} {first.weights_id} at {first.resolution} px")
-    layers = [encoder.layer for encoder in encoders]
-    if len(set(layers)) != len(layers):
-        raise InputError(f"--layer names a layer twice: {layers}")
 
 
 def extract_image_layers(index: SplitIndex, encoders: Sequence[ImageEncoder], paths: Sequence[Path],

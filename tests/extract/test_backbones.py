@@ -225,6 +225,7 @@ def test_one_pass_over_several_layers_equals_one_forward_per_layer(tiny, name, l
             torch.testing.assert_close(tokens, encoder(pixels))
 
 
+# ---------------------------------------------------------------------------------- transforms
 
 
 def test_transform_shape_range_and_pickling(tiny):

@@ -24,7 +24,9 @@ from PIL import Image
 from cache.store import (ImageCache, ImageCacheWriter, TextCache, TextCacheWriter, describe,
                          open_cache, partial_path)
 from extract.backbones import create_image_encoder, create_text_encoder
+from cache.errors import InputError
 from extract.datasets import load_split
+from extract.runner import RunOptions, extract_image_layers, limit_split
 from extract.demo_data import generate_demo_data
 from tests.extract.cli_helpers import CLI_PY, REPO_ROOT, run_cli, save_tiny_models
 
@@ -307,6 +309,17 @@ def test_bad_layer_lists_stop_before_any_file(demo, tiny, tmp_path, layers, mess
     code, output = run_cli(*layer_args(demo, tmp_path, tiny, layers, "d"))
     assert (code, output) == (2, message)
     assert not (tmp_path / "f30k").exists()
+
+
+def test_one_pass_refuses_layers_of_two_backbones(demo, tiny, tmp_path):
+    index = limit_split(load_split("f30k", demo, "train", demo / "images"), 4)
+    encoders = [create_image_encoder("dinov2", str(tiny["dinov2"]), layer=1, resolution=32),
+                create_image_encoder("dinov2", str(tiny["dinov2_other"]), resolution=32)]
+    paths = [tmp_path / "a.h5", tmp_path / "b.h5"]
+    with pytest.raises(InputError, match="one pass over several layers needs one backbone: dinov2 "
+                                         ".*dinov2_other at 32 px differs from dinov2 .* at 32 px"):
+        extract_image_layers(index, encoders, paths, RunOptions(workers=0))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_file_of_other_settings_stops_the_command_before_any_work(demo, tiny, tmp_path):

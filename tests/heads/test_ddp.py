@@ -186,11 +186,10 @@ def test_a_ddp_tail_run_equals_a_one_process_run(
     assert list(b["sources"]) == ["image"] and a["sources"]["image"].keys() == b["sources"][
         "image"].keys()
     for name, value in b["sources"]["image"].items():
-        if name.endswith("k_proj.bias"):
-            # softmax ignores a shift shared by a query's logits, so a key bias gets a zero
-            # gradient in exact arithmetic: Adam scales its rounding noise (1e-9) up to 1e-6
-            # steps, different on every reduction order
-            continue
-        assert torch.allclose(a["sources"]["image"][name], value, rtol=1e-3, atol=1e-5), name
+        # softmax ignores a shift shared by a query's logits, so a key bias gets a zero gradient
+        # in exact arithmetic: Adam scales its rounding noise (1e-9) up to 1e-6 steps, different
+        # on every reduction order; it is held to that noise's size
+        atol = 1e-4 if name.endswith("k_proj.bias") else 1e-5
+        assert torch.allclose(a["sources"]["image"][name], value, rtol=1e-3, atol=atol), name
     for name, value in b["model"].items():
         assert torch.allclose(a["model"][name], value, rtol=1e-3, atol=1e-5), name
