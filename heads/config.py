@@ -151,9 +151,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, mapping by mapping; a head or loss section that names another head or
+    loss replaces the section (the options of a hinge loss do not carry over to InfoNCE)."""
     out = copy.deepcopy(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if (key in OPEN_SECTIONS and isinstance(value, dict) and isinstance(out.get(key), dict)
+                and value.get("name") not in (None, out[key].get("name"))):
+            out[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

@@ -253,6 +253,70 @@ def two_branch_rows() -> list[Row]:
     return rows
 
 
+FIT_CONFIGS = ("linear", "vse_infonce", "hrem", "laps_effnet", "caa_effnet", "scan",
+               "scan_infonce", "tgdt", "tgdt_infonce", "aladin_teacher",
+               "aladin_teacher_infonce")
+TGDT_INFONCE = "--config configs/f8k_tgdt_infonce.yaml"
+
+
+def recipe_rows() -> list[Row]:
+    """TGDT, ALADIN and SCAN on the recipe that learns: the fit check, the ablation of TGDT's
+    global branch (one epoch, global terms only, scored by that branch), the lr searches (one
+    epoch each; the recipe's own lr is the first epoch of its full run) and the full runs."""
+    configs = " ".join(f"--config configs/f8k_{name}.yaml" for name in FIT_CONFIGS)
+    rows = [Row("fit-check", "every head's config fits the first 100 training images and their "
+                "500 captions (R@1 >= 95 both ways on those pairs, every branch)?",
+                (f"python cli.py check-fit {configs} --max-steps 1000 --threads 1 --report runs/fit_check.json",),
+                (EFFNET,), ("runs/fit_check.json",))]
+    global_only = f"{TGDT_INFONCE} --set head.alignment_weight=0 {ONE_EPOCH}"
+    for name, what, options in (
+            ("cls-sum", "the probe of the issue: [CLS]/first-token global vector, consistency "
+             "summed over the batch", "--set head.global_pool=auto "
+             "--set head.consistency_reduction=sum"),
+            ("cls-nocons", "[CLS]/first-token global vector, no consistency term",
+             "--set head.global_pool=auto --set head.consistency_weight=0"),
+            ("mean-sum", "mean-pooled global vector, consistency summed over the batch",
+             "--set head.consistency_reduction=sum"),
+            ("mean", "mean-pooled global vector, consistency averaged (the recipe's global "
+             "branch)", ""),
+            ("mean-512", "the recipe's global branch at 512-d (feed-forward 1024)",
+             "--set head.embed_dim=512 --set head.ff_dim=1024"),
+            ("mean-0layers", "the recipe's global branch without transformer layers (a "
+             "projection and a mean: the linear head's shape)",
+             "--set head.local_layers=0 --set head.global_layers=0")):
+        rows.append(trained(f"tgdt-gonly-{name}", f"TGDT's global branch alone (InfoNCE, "
+                            f"alignment_weight 0), one epoch: {what}",
+                            f"{global_only} {options}", "--mode global"))
+    rows.append(trained("tgdt-infonce", "TGDT on the InfoNCE recipe (configs/f8k_tgdt_infonce."
+                        "yaml), 3 epochs, scored by its local (MrSw mean) branch", TGDT_INFONCE))
+    rows += [Row("tgdt-infonce-global", "the run of `tgdt-infonce` scored by its global branch",
+                 (evaluate("tgdt-infonce", "--mode global --json "
+                           f"{run_dir('tgdt-infonce')}/eval-test-global.json"),), ("tgdt-infonce",)),
+             Row("tgdt-infonce-two-stage", "the run of `tgdt-infonce`: global top 50 re-ranked "
+                 "by the local branch", (evaluate("tgdt-infonce", "--rerank-topk 50 "
+                                                  "--coarse-mode global --fine-mode local"),),
+                 ("tgdt-infonce",))]
+    rows.append(trained("aladin-teacher-infonce", "ALADIN's teacher on the InfoNCE recipe "
+                        "(configs/f8k_aladin_teacher_infonce.yaml: MrSw mean), 3 epochs",
+                        "--config configs/f8k_aladin_teacher_infonce.yaml"))
+    rows.append(trained("aladin-student-infonce", "ALADIN's student distilled from "
+                        "`aladin-teacher-infonce` (configs/f8k_aladin_student_infonce.yaml), 3 "
+                        "epochs", "--config configs/f8k_aladin_student_infonce.yaml",
+                        needs=(EFFNET, "aladin-teacher-infonce")))
+    rows.append(trained("scan-infonce", "SCAN on the InfoNCE recipe (configs/f8k_scan_infonce."
+                        "yaml), 2 epochs, selected on 250 dev images; re-ranks linear's top 100",
+                        "--config configs/f8k_scan_infonce.yaml", LINEAR_TOP100,
+                        (EFFNET, "linear")))
+    for head, config in (("tgdt", "tgdt_infonce"), ("aladin-teacher", "aladin_teacher_infonce"),
+                         ("scan", "scan_infonce")):
+        for lr in ("5e-4", "2e-3"):
+            rows.append(trained(f"{head}-infonce-lr{lr}", f"`{head}-infonce`'s first epoch at lr "
+                                f"{lr} (the lr search on dev)",
+                                f"--config configs/f8k_{config}.yaml --set optim.lr={lr} "
+                                f"{ONE_EPOCH}"))
+    return rows
+
+
 def all_rows() -> list[Row]:
     """Every row, in README order: caches, the heads table, its notes, the benchmark row."""
     both, test = (EFFNET, DINOV2), "features/f8k/test"
@@ -377,6 +441,7 @@ def all_rows() -> list[Row]:
                 LINEAR_TOP100, (EFFNET, "linear")),
         *patch_family_rows(),
         *two_branch_rows(),
+        *recipe_rows(),
         trained("linear-dinov2", "the linear head on the dinov2_s14 cache, 3 epochs",
                 "--config configs/f8k_linear.yaml --set data.image=dinov2_s14 "
                 "--set optim.epochs=3", needs=both),

@@ -25,16 +25,32 @@ def max_mean_alignment(img: Tensor, img_mask: Tensor, txt: Tensor, txt_mask: Ten
         masked_mean(token_best.unsqueeze(-1), img_mask).squeeze(-1)
 
 
-def mrsw(img: Tensor, img_mask: Tensor, txt: Tensor, txt_mask: Tensor) -> Tensor:
+WORD_POOLS = ("sum", "mean")
+
+
+def _pool_words(best: Tensor, txt_mask: Tensor, word_pool: str, dim: int) -> Tensor:
+    """Sum (MrSw) or mean (MrAVGw) of the per-word maxima ``best`` over the valid words."""
+    total = best.masked_fill(~txt_mask, 0).sum(dim=dim)
+    if word_pool == "sum":
+        return total
+    if word_pool != "mean":
+        raise ValueError(f"word_pool must be one of {WORD_POOLS}, got {word_pool!r}")
+    return total / txt_mask.sum(dim=dim).clamp(min=1)
+
+
+def mrsw(img: Tensor, img_mask: Tensor, txt: Tensor, txt_mask: Tensor,
+         word_pool: str = "sum") -> Tensor:
     """TERAN's MrSw of aligned pairs -> ``[P]``: for each valid word the max cosine over valid
-    regions, summed over words. Padding regions are excluded from the max (-inf, not 0, so no hidden
+    regions, summed over words (``word_pool="mean"``: averaged, TERAN's MrAVGw, a score in
+    [-1, 1] like a cosine). Padding regions are excluded from the max (-inf, not 0, so no hidden
     ReLU); a pair whose image has no valid region scores 0. Inputs already L2-normalised."""
     sims = torch.einsum("pwc,prc->pwr", txt, img)                                    # [P, W, R]
     best = masked_max(sims, img_mask.unsqueeze(1), dim=2)                            # [P, W]
-    return best.masked_fill(~txt_mask, 0).sum(dim=1)
+    return _pool_words(best, txt_mask, word_pool, dim=1)
 
 
-def mrsw_block(img: Tensor, img_mask: Tensor, txt: Tensor, txt_mask: Tensor) -> Tensor:
+def mrsw_block(img: Tensor, img_mask: Tensor, txt: Tensor, txt_mask: Tensor,
+               word_pool: str = "sum") -> Tensor:
     """MrSw of every image of a block against every caption -> ``[I, T]``, one matrix product:
     ``img [I, R, C]``, ``img_mask [I, R]``, ``txt [T, W, C]``, ``txt_mask [T, W]``.
     Memory ``I*R*T*W`` similarities; callers bound it by the block size."""
@@ -43,4 +59,4 @@ def mrsw_block(img: Tensor, img_mask: Tensor, txt: Tensor, txt_mask: Tensor) -> 
     sims = (txt.reshape(-1, dim) @ img.reshape(-1, dim).transpose(0, 1))
     sims = sims.view(n_txt, n_word, n_img, n_reg)
     best = masked_max(sims, img_mask.view(1, 1, n_img, n_reg), dim=3)                # [T, W, I]
-    return best.masked_fill(~txt_mask.unsqueeze(-1), 0).sum(dim=1).transpose(0, 1)
+    return _pool_words(best, txt_mask.unsqueeze(-1), word_pool, dim=1).transpose(0, 1)

@@ -48,7 +48,12 @@ Deviations from the released code (mesnico/ALADIN), all deliberate:
   last word piece as the reference does. The reference also drops the first region of every image
   (there is no image CLS there); that quirk is not reproduced;
 * the criterion (margin, hardest negatives) comes from the config's ``loss`` section and serves
-  both hinge terms.
+  both ranking terms;
+* for a mean-reduced criterion such as InfoNCE: ``word_pool="mean"`` averages the teacher's
+  per-word maxima instead of summing them (TERAN's MrAVGw, a score in [-1, 1] like the student's
+  cosine), and ``teacher_scale`` multiplies the teacher's scores inside the distillation (the
+  reference's MrSw sums are sharp on their own, scale 1; averaged scores need about the inverse
+  of the contrastive temperature).
 """
 from __future__ import annotations
 
@@ -61,7 +66,7 @@ from cache.batch import TokenBatch
 from cache.errors import InputError
 from heads.registry import register_head
 from heads.base import Criterion, Encoded, FeatureSpec, Head, Progress
-from heads.layers import l2norm, mrsw, mrsw_block
+from heads.layers import WORD_POOLS, l2norm, mrsw, mrsw_block
 from heads.losses import listnet_distillation
 from heads.layers.token_sets import (TokenTransformer, alignment_set, check_drop_rule,
                               resolve_global_pool)
@@ -129,7 +134,8 @@ class ALADINHead(Head):
                  student_input: str = "cache", teacher_checkpoint: str | None = None,
                  alignment_weight: float = 1.0, matching_weight: float = 0.1,
                  distill_weight: float = 1.0, student_scale: float = 6.0,
-                 distill_after_steps: int = 0) -> None:
+                 teacher_scale: float = 1.0, distill_after_steps: int = 0,
+                 word_pool: str = "sum") -> None:
         super().__init__(image_spec, text_spec)
         if stage not in STAGES:
             raise InputError(f"aladin: stage must be one of {sorted(STAGES)}, got {stage!r}")
@@ -139,6 +145,9 @@ class ALADINHead(Head):
         if distill_after_steps < 0:
             raise InputError(f"aladin: distill_after_steps must be >= 0, got {distill_after_steps}")
         check_drop_rule(drop_tokens)
+        if word_pool not in WORD_POOLS:
+            raise InputError(f"aladin: word_pool must be one of {WORD_POOLS}, got {word_pool!r}")
+        self.word_pool, self.teacher_scale = word_pool, teacher_scale
         self.stage, self.drop_tokens, self.student_input = stage, drop_tokens, student_input
         self.alignment_weight, self.matching_weight = alignment_weight, matching_weight
         self.distill_weight, self.student_scale = distill_weight, student_scale
@@ -231,12 +240,14 @@ class ALADINHead(Head):
     def score(self, images: Encoded, texts: Encoded) -> Tensor:
         if (self.mode or self.default_mode) == "student":
             return images["emb"] @ texts["emb"].transpose(0, 1)
-        return mrsw_block(images["tokens"], images["mask"], texts["tokens"], texts["mask"])
+        return mrsw_block(images["tokens"], images["mask"], texts["tokens"], texts["mask"],
+                          self.word_pool)
 
     def score_pairs(self, images: Encoded, texts: Encoded) -> Tensor:
         if (self.mode or self.default_mode) == "student":
             return (images["emb"] * texts["emb"]).sum(dim=-1)
-        return mrsw(images["tokens"], images["mask"], texts["tokens"], texts["mask"])
+        return mrsw(images["tokens"], images["mask"], texts["tokens"], texts["mask"],
+                    self.word_pool)
 
     # ------------------------------------------------------------------------------ training
 
@@ -265,7 +276,7 @@ class ALADINHead(Head):
         if need_teacher_scores:
             img_set = alignment_set(img_raw, images.mask, self.image_spec, self.drop_tokens, False)
             txt_set = alignment_set(txt_raw, texts.mask, self.text_spec, self.drop_tokens, True)
-            teacher_scores = mrsw_block(*img_set, *txt_set)
+            teacher_scores = mrsw_block(*img_set, *txt_set, self.word_pool)
             if "alignment" in active:
                 terms["alignment"] = self.alignment_weight * criterion(teacher_scores, image_ids,
                                                                        progress)
@@ -278,7 +289,7 @@ class ALADINHead(Head):
                                                                      progress)
             if "distillation" in active:
                 terms["distillation"] = self.distill_weight * listnet_distillation(
-                    teacher_scores, student_scores, self.student_scale)
+                    self.teacher_scale * teacher_scores, student_scores, self.student_scale)
         loss = sum(terms.values())
         return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
 

@@ -33,6 +33,11 @@ Deviations from the released code (LCFractal/TGDT), all deliberate:
   config's ``loss`` section and serves both ranking terms;
 * MrSw masks padding with -inf (no hidden ReLU) and drops only [CLS]/[SEP] by default
   (``drop_tokens="teran"`` also drops the last word piece, as the release does);
+* two options for a mean-reduced criterion such as InfoNCE (defaults: the paper's form):
+  ``word_pool="mean"`` averages the per-word maxima instead of summing them (TERAN's MrAVGw, a
+  score in [-1, 1] like the global cosine, so one temperature serves both ranking terms; use it
+  with ``alignment_scale=1``), and ``consistency_reduction="mean"`` divides the consistency sum by
+  the batch size;
 * no spatial (box) encoding of regions and no learned CLS slot: the cached tokens already carry
   position, and the image global token is the cache's CLS token or, without one, the masked mean.
 """
@@ -44,20 +49,26 @@ from cache.batch import TokenBatch
 from cache.errors import InputError
 from heads.registry import register_head
 from heads.base import Criterion, Encoded, FeatureSpec, Head, Progress
-from heads.layers import l2norm, mrsw, mrsw_block
+from heads.layers import WORD_POOLS, l2norm, mrsw, mrsw_block
 from heads.layers.token_sets import (TokenTransformer, alignment_set, check_drop_rule,
                               resolve_global_pool)
 
 
-def consistency_loss(image_emb: Tensor, text_emb: Tensor, margin: float = 0.3) -> Tensor:
-    """TGDT's intra-modal consistency: ``sum_j [max_i |S_tt[i,j] - S_vv[i,j]| - margin]_+``.
+REDUCTIONS = ("sum", "mean")
+
+
+def consistency_loss(image_emb: Tensor, text_emb: Tensor, margin: float = 0.3,
+                     reduction: str = "sum") -> Tensor:
+    """TGDT's intra-modal consistency: ``sum_j [max_i |S_tt[i,j] - S_vv[i,j]| - margin]_+``
+    (``reduction="mean"``: divided by B, the scale of a mean-reduced loss such as InfoNCE).
 
     ``image_emb``/``text_emb [B, d]`` are L2-normalised globals of the B pairs of a batch.
     """
     s_vv = image_emb @ image_emb.transpose(0, 1)
     s_tt = text_emb @ text_emb.transpose(0, 1)
     worst = (s_tt - s_vv).abs().amax(dim=0)
-    return (worst - margin).clamp(min=0).sum()
+    hinged = (worst - margin).clamp(min=0)
+    return hinged.sum() if reduction == "sum" else hinged.mean()
 
 
 class _Side(nn.Module):
@@ -93,9 +104,15 @@ class TGDTHead(Head):
                  global_pool: str = "auto", detach_global_input: bool = False,
                  alignment_scale: float = 10.0, global_weight: float = 1.0,
                  consistency_weight: float = 1.0, alignment_weight: float = 1.0,
-                 consistency_margin: float = 0.3) -> None:
+                 consistency_margin: float = 0.3, consistency_reduction: str = "sum",
+                 word_pool: str = "sum") -> None:
         super().__init__(image_spec, text_spec)
         check_drop_rule(drop_tokens)
+        if consistency_reduction not in REDUCTIONS:
+            raise InputError(f"tgdt: consistency_reduction must be one of {REDUCTIONS}, got "
+                             f"{consistency_reduction!r}")
+        if word_pool not in WORD_POOLS:
+            raise InputError(f"tgdt: word_pool must be one of {WORD_POOLS}, got {word_pool!r}")
         if not (global_weight or consistency_weight or alignment_weight):
             raise InputError("tgdt: global_weight, consistency_weight and alignment_weight are all "
                              "zero; nothing would be trained")
@@ -110,6 +127,8 @@ class TGDTHead(Head):
         self.consistency_weight = consistency_weight
         self.alignment_weight = alignment_weight
         self.consistency_margin = consistency_margin
+        self.consistency_reduction = consistency_reduction
+        self.word_pool = word_pool
 
     # ------------------------------------------------------------------------------ encoding
 
@@ -132,13 +151,13 @@ class TGDTHead(Head):
         if self.mode == "global":
             return images["emb"] @ texts["emb"].transpose(0, 1)
         return self.alignment_scale * mrsw_block(images["tokens"], images["mask"],
-                                                 texts["tokens"], texts["mask"])
+                                                 texts["tokens"], texts["mask"], self.word_pool)
 
     def score_pairs(self, images: Encoded, texts: Encoded) -> Tensor:
         if self.mode == "global":
             return (images["emb"] * texts["emb"]).sum(dim=-1)
         return self.alignment_scale * mrsw(images["tokens"], images["mask"],
-                                           texts["tokens"], texts["mask"])
+                                           texts["tokens"], texts["mask"], self.word_pool)
 
     # ------------------------------------------------------------------------------ training
 
@@ -152,10 +171,10 @@ class TGDTHead(Head):
             terms["global"] = self.global_weight * criterion(scores, image_ids, progress)
         if self.consistency_weight:
             terms["consistency"] = self.consistency_weight * consistency_loss(
-                img["emb"], txt["emb"], self.consistency_margin)
+                img["emb"], txt["emb"], self.consistency_margin, self.consistency_reduction)
         if self.alignment_weight:
             scores = self.alignment_scale * mrsw_block(img["tokens"], img["mask"],
-                                                       txt["tokens"], txt["mask"])
+                                                       txt["tokens"], txt["mask"], self.word_pool)
             terms["alignment"] = self.alignment_weight * criterion(scores, image_ids, progress)
         loss = sum(terms.values())
         return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}

@@ -30,6 +30,7 @@ class World:
     per_item: int = 3
     noise: float = 0.2
     num_tokens: int = 8
+    grid: tuple[int, int] | None = None   # patch tokens on a grid (every image full length)
 
     def bases(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         rng = np.random.default_rng(self.seed)
@@ -45,13 +46,14 @@ def write_split(root: Path, split: str, n_images: int, world: World = World(), s
     """Write ``<root>/<dataset>/<split>/{image-synimg,text-syntxt}.h5``; returns both paths."""
     img_basis, txt_basis, stops, special = world.bases()
     rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
-    t = world.num_tokens
+    t = world.num_tokens if world.grid is None else 1 + world.grid[0] * world.grid[1]
     tokens = np.zeros((n_images, t, world.image_dim), np.float32)
     lengths = np.zeros(n_images, np.int32)
     states, input_ids, captions, image_index = [], [], [], []
     for i in range(n_images):
         shown = rng.permutation(world.concepts)[:world.per_item]
-        n_distract = int(rng.integers(1, t - world.per_item))
+        n_distract = (t - 1 - world.per_item if world.grid is not None
+                      else int(rng.integers(1, t - world.per_item)))
         regions = np.concatenate([img_basis[shown],
                                   0.5 * rng.standard_normal((n_distract, world.image_dim))])
         regions = regions[rng.permutation(len(regions))]
@@ -72,7 +74,8 @@ def write_split(root: Path, split: str, n_images: int, world: World = World(), s
     common = dict(encoder=encoder, weights_id="synthetic", weights_hash=weights_hash,
                   layer=layer, dataset=dataset, split=split)
     with ImageCacheWriter(image_path, CacheAttrs("image", dim=world.image_dim, num_items=n_images,
-                                                 num_tokens=t, prefix_tokens=1, **common),
+                                                 num_tokens=t, prefix_tokens=1, grid=world.grid,
+                                                 **common),
                           ids=[str(i) for i in range(n_images)],
                           paths=[f"{i}.jpg" for i in range(n_images)]) as w:
         w.append(tokens, lengths)

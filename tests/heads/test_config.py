@@ -170,3 +170,16 @@ def test_recipe_keys_default_to_the_plain_recipe(config_file: Path) -> None:
     assert cfg["optim"]["layer_decay"] == 1.0 and cfg["optim"]["backbone_frozen_epochs"] == 0
     assert cfg["data"]["epoch_over"] == "auto" and cfg["run"]["grad_checkpointing"] is False
     assert cfg["data"]["image_backbone"] == {"layer": 3}
+
+
+def test_a_file_naming_another_loss_or_head_replaces_that_section(tmp_path: Path) -> None:
+    _write(tmp_path / "hinge.yaml", "data:\n  dataset: f8k\n  image: a\n  text: b\n"
+           "head:\n  name: tgdt\n  embed_dim: 64\nloss:\n  name: hinge\n  margin: 0.3\n")
+    same = load_config(_write(tmp_path / "same.yaml", "base: hinge.yaml\nloss:\n  margin: 0.1\n"
+                              "head:\n  ff_dim: 32\n"))
+    assert same["loss"] == {"name": "hinge", "margin": 0.1}
+    assert same["head"] == {"name": "tgdt", "embed_dim": 64, "ff_dim": 32}
+    other = load_config(_write(tmp_path / "infonce.yaml", "base: hinge.yaml\nloss:\n"
+                               "  name: infonce\n  temperature: 0.05\nhead:\n  name: linear\n"))
+    assert other["loss"] == {"name": "infonce", "temperature": 0.05}
+    assert other["head"] == {"name": "linear"}

@@ -206,6 +206,13 @@ def test_mrsw_and_block_against_loop() -> None:
     rows_i, rows_t = torch.tensor([0, 2, 1]), torch.tensor([3, 0, 1])
     pairs = mrsw(img[rows_i], img_mask[rows_i], txt[rows_t], txt_mask[rows_t])
     assert torch.allclose(pairs, block[rows_i, rows_t], atol=1e-6)
+    words = txt_mask.sum(dim=1).float()                       # MrAVGw: the sum over valid words
+    averaged = mrsw_block(img, img_mask, txt, txt_mask, word_pool="mean")
+    assert torch.allclose(averaged, block / words.unsqueeze(0), atol=1e-6)
+    assert torch.allclose(mrsw(img[rows_i], img_mask[rows_i], txt[rows_t], txt_mask[rows_t],
+                               word_pool="mean"), averaged[rows_i, rows_t], atol=1e-6)
+    with pytest.raises(ValueError, match="word_pool"):
+        mrsw_block(img, img_mask, txt, txt_mask, word_pool="max")
 
 
 def test_mrsw_has_no_hidden_relu() -> None:

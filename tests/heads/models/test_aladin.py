@@ -101,6 +101,23 @@ def test_distillation_term_matches_naive_listnet(world):
     assert loss.item() == pytest.approx(naive_listnet(teacher, student, 4.0), rel=1e-4)
 
 
+@pytest.mark.parametrize("word_pool", ["sum", "mean"])
+def test_teacher_scale_sharpens_the_teacher_of_the_distillation(world, word_pool):
+    options = dict(alignment_weight=0.0, matching_weight=0.0, student_scale=4.0,
+                   teacher_scale=3.0, word_pool=word_pool)
+    head = make_head(world, **options).train()
+    split = sample(world, 6)
+    batch = split.batch(torch.arange(0, 12, 2))
+    loss, _ = head.training_loss(*batch, CRITERION, Progress())
+    with torch.no_grad():
+        img, txt = head.encode_images(batch[0]), head.encode_texts(batch[1])
+        head.set_mode("teacher")
+        teacher = head.score(img, txt)
+        head.set_mode("student")
+        student = head.score(img, txt)
+    assert loss.item() == pytest.approx(naive_listnet(3.0 * teacher, student, 4.0), rel=1e-4)
+
+
 def _grad_sum(module) -> float:
     return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
 

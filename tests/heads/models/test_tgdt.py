@@ -109,6 +109,7 @@ def test_consistency_loss_matches_naive_loop():
         worst = max(abs(float(txt[i] @ txt[j]) - float(img[i] @ img[j])) for i in range(6))
         expected += max(worst - 0.3, 0.0)
     assert consistency_loss(img, txt, 0.3).item() == pytest.approx(expected, rel=1e-5)
+    assert consistency_loss(img, txt, 0.3, "mean").item() == pytest.approx(expected / 6, rel=1e-5)
 
 
 def _loss(world, batch, **options):
@@ -119,7 +120,8 @@ def _loss(world, batch, **options):
 
 @pytest.mark.parametrize("key, value", [("global_weight", 2.0), ("consistency_weight", 2.0),
                                         ("alignment_weight", 2.0), ("consistency_margin", 0.0),
-                                        ("alignment_scale", 5.0)])
+                                        ("alignment_scale", 5.0), ("word_pool", "mean"),
+                                        ("consistency_reduction", "mean")])
 def test_every_loss_key_changes_the_loss(world, key, value):
     split = sample(world, 16)
     batch = split.batch(torch.arange(0, 32, 2))
