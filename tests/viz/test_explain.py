@@ -82,7 +82,7 @@ def test_bad_requests_stop_with_one_line(viz_world: VizWorld, tmp_path: Path) ->
     assert code == 2 and "no inference mode 'sideways'" in message
     code, message = run_cli("explain", "--checkpoint", tgdt, "--image", tmp_path / "none.jpg",
                             "--caption", "a circle", "--out", out)
-    assert code == 2 and "none.jpg: image not found" in message
+    assert code == 2 and "none.jpg: image file not found" in message
     assert not out.exists()
 
 
