@@ -157,8 +157,10 @@ class SearchServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], handler: type, family: int, token: str) -> None:
+    def __init__(self, address: tuple[str, int], handler: type, family: int, index: Index,
+                 token: str) -> None:
         self.address_family = family
+        self.index = index
         self.token = token
         super().__init__(address, handler)
 
@@ -307,6 +309,6 @@ def make_server(index: Index, host: str = "127.0.0.1", port: int = 8000, k: int 
             self._send(HTTPStatus.OK, body, kind)
 
     try:
-        return SearchServer((host, port), Handler, family, token)
+        return SearchServer((host, port), Handler, family, index, token)
     except OSError as err:
         raise _listen_error(err, host, port) from None
