@@ -80,7 +80,8 @@ def search(index_dir: str, query: str | None, image: str | None, k: int, checkpo
     for note in results.notes:
         click.echo(f"note: {note}", err=True)
     if html_out:
-        click.echo(f"gallery: {write_gallery(results, opened.root, html_out)}", err=True)
+        click.echo(f"gallery: {printable(write_gallery(results, opened.root, html_out))}",
+                   err=True)
     if as_json:
         click.echo(json.dumps(results.to_dict(), indent=1))
         return

@@ -127,10 +127,14 @@ class Index:
             return None
         return info.st_mtime_ns, info.st_ino
 
+    def stale(self) -> bool:
+        """Whether ``cli index`` rewrote the index since it was read (its manifest changed)."""
+        return self._manifest_signature() != self._signature
+
     def refresh(self) -> bool:
-        """Re-read the index if ``cli index`` rewrote it since (its manifest changed); whether it
-        did. The backbones and the checkpoint are kept unless the index now names another run."""
-        if self._manifest_signature() == self._signature:
+        """Re-read the index if it is `stale`; whether it was. The backbones and the checkpoint
+        are kept unless the index now names another run."""
+        if not self.stale():
             return False
         old_run = self.manifest["checkpoint"]["sha256"]
         self._read()

@@ -155,8 +155,6 @@ def photo_bytes(file: Path) -> tuple[bytes, str]:
 class SearchServer(ThreadingHTTPServer):
     """The threading HTTP server of an index, with its token and the address to open."""
 
-    daemon_threads = True
-
     def __init__(self, address: tuple[str, int], handler: type, family: int, index: Index,
                  token: str) -> None:
         self.address_family = family
@@ -263,9 +261,10 @@ def make_server(index: Index, host: str = "127.0.0.1", port: int = 8000, k: int 
             if not self._token_given(params):
                 self._text(HTTPStatus.FORBIDDEN, FORBIDDEN_TOKEN)
                 return
-            with lock:
-                index.refresh()
-                root, names, follow = index.root, index.names, index.follow_links
+            if index.stale():                 # cli index rewrote it: read it again, between queries
+                with lock:
+                    index.refresh()
+            root, names, follow = index.root, index.names, index.follow_links
             if url.path == "/":
                 nonce = secrets.token_urlsafe(16)
                 page = PAGE % {"style": STYLE, "k": k, "nonce": nonce}

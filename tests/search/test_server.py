@@ -10,6 +10,7 @@ import os
 import shutil
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -152,11 +153,16 @@ def test_content_type_from_the_image_a_photo_that_stops_decoding_and_a_reindex(
         photo_world: PhotoWorld, tmp_path: Path) -> None:
     photos = Path(shutil.copytree(photo_world.photos, tmp_path / "photos"))
     Image.open(photos / photo_world.good[0]).save(photos / "really-a.png.jpg", "PNG")
+    odd = os.fsdecode(b"bad\xff\nname.jpg")
+    shutil.copy(photos / photo_world.good[0], photos / odd)
     build_index(photos, photo_world.checkpoint, tmp_path / "index", progress=False)
     with serving(search.open_index(tmp_path / "index")) as server:
         base, token = server.url.split("/?")[0], server.token
         status, headers, _ = _get(f"{base}/photo?path=really-a.png.jpg", token)
         assert status == 200 and headers["Content-Type"] == "image/png"
+        shown = urllib.parse.quote("bad\\xff\\nname.jpg")   # the name as the JSON gives it
+        status, _, body = _get(f"{base}/photo?path={shown}", token)
+        assert status == 200 and body == (photos / odd).read_bytes()
         broken = photo_world.good[3]
         (photos / broken).write_bytes(b"<html><script>alert(1)</script></html>")
         for endpoint in ("thumb", "photo"):
