@@ -60,6 +60,7 @@ from search.folder import (
     BadFile,
     FolderImages,
     Photo,
+    Scan,
     decode_problem,
     header_problem,
     printable,
@@ -308,12 +309,13 @@ def build_index(images: str | Path, checkpoint: str | Path, out: str | Path, kin
     if not scan.photos:
         raise InputError(f"{printable(root)}: no photos ({', '.join(e[1:] for e in EXTENSIONS)}) "
                          f"in this folder or below it{_skipped_note(scan.skipped)}")
+    run = _Run(root, checkpoint, out, kind, device, batch_size, workers, progress,
+               follow_links, state, mode, scan, began)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
         with _locked(out) as (lock, previous):
-            return _build_locked(root, checkpoint, out, kind, device, batch_size, workers,
-                                 progress, follow_links, state, mode, scan, lock, previous, began)
+            return _build_locked(run, lock, previous)
     except InputError:
         if created and not (out / MANIFEST).exists():      # leave nothing of a failed first run
             _remove(out, {LOCK})
@@ -329,11 +331,30 @@ def _skipped_note(skipped: list[BadFile]) -> str:
             f"{skipped[0].reason})")
 
 
-def _build_locked(root: Path, checkpoint: str | Path, out: Path, kind: str, device: torch.device,
-                  batch_size: int, workers: int, progress: bool, follow_links: bool,
-                  state: dict[str, Any], mode: str | None, scan: Any, lock: IO[str],
-                  previous: dict[str, Any], began: float) -> BuildReport:
-    """`build_index` with the lock of ``out`` held (``previous``: what the last holder wrote)."""
+@dataclass(frozen=True)
+class _Run:
+    """One `build_index` call's arguments, checked, with the loaded run and the folder's scan."""
+
+    root: Path
+    checkpoint: str | Path
+    out: Path
+    kind: str
+    device: torch.device
+    batch_size: int
+    workers: int
+    progress: bool
+    follow_links: bool
+    state: dict[str, Any]
+    mode: str | None
+    scan: Scan
+    began: float
+
+
+def _build_locked(run: _Run, lock: IO[str], previous: dict[str, Any]) -> BuildReport:
+    """`build_index` with the lock of ``run.out`` held (``previous``: what the last holder
+    wrote in it)."""
+    root, checkpoint, out, kind, device = run.root, run.checkpoint, run.out, run.kind, run.device
+    state, mode, scan, began = run.state, run.mode, run.scan, run.began
     identity = state["features"]["image"]
     photos = scan.photos
     manifest, old_cache = _previous(out, identity)
@@ -367,8 +388,8 @@ def _build_locked(root: Path, checkpoint: str | Path, out: Path, kind: str, devi
     if not cache_path.exists():
         _write_ledger(lock, partial_path(cache_path).name)
         encoder = image_encoder(identity, str(checkpoint))
-        extracted = _write_cache(cache_path, encoder, root, plan, old_cache, device, batch_size,
-                                 workers, progress, notes)
+        extracted = _write_cache(cache_path, encoder, root, plan, old_cache, device,
+                                 run.batch_size, run.workers, run.progress, notes)
         _write_ledger(lock, None)
     cache = ImageCache(cache_path)
     good = np.flatnonzero(cache.lengths > 0)
@@ -385,7 +406,7 @@ def _build_locked(root: Path, checkpoint: str | Path, out: Path, kind: str, devi
         _all_bad(root, bad)
 
     model = load_model(state, cache, mode)
-    encoded = encode_cache(model, cache, device, batch_size=max(batch_size, 64), rows=good)
+    encoded = encode_cache(model, cache, device, batch_size=max(run.batch_size, 64), rows=good)
     vectors = encoded["emb"].float().cpu().numpy()
     embeddings = np.zeros((len(cache), vectors.shape[1]), np.float32)
     embeddings[good] = vectors
@@ -400,7 +421,7 @@ def _build_locked(root: Path, checkpoint: str | Path, out: Path, kind: str, devi
     new_manifest = {
         "format": INDEX_FORMAT,
         "written": datetime.now(UTC).isoformat(timespec="seconds"),
-        "images_root": str(root), "follow_links": follow_links, "kind": built_kind,
+        "images_root": str(root), "follow_links": run.follow_links, "kind": built_kind,
         "checkpoint": ckpt, "image_features": identity,
         "cache": cache_name, "embeddings": f"embeddings-{build}.npy",
         "faiss": f"index-{build}.faiss", "dim": int(vectors.shape[1]),
