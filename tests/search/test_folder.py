@@ -3,14 +3,9 @@ use reported with a reason (special files, links that dangle, loop or leave the 
 without pillow-heif), bad files recognised by their header, nothing ever blocks."""
 from __future__ import annotations
 
-import io
 import os
-import signal
 import socket
 import warnings
-import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,38 +16,12 @@ from cache.errors import InputError
 from extract import datasets
 from extract.datasets import HEIF_SUPPORTED, ImageDecodeError, load_rgb
 from search.folder import decode_problem, header_problem, printable, scan_folder, sha256_of
-
-HANG_GUARD_S = 600   # only stops a walk that blocks forever on a FIFO, never a slow one
+from tests.hostile import hang_guard, png_header
 
 
 def _photo(path: Path, fmt: str = "JPEG") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (16, 12), (10, 200, 30)).save(path, fmt)
-
-
-def png_header(path: Path, width: int, height: int) -> None:
-    """A PNG that claims ``width`` x ``height`` pixels (a decompression bomb's header) in 70 bytes."""
-    buffer = io.BytesIO()
-    Image.new("L", (1, 1)).save(buffer, "PNG")
-    data = bytearray(buffer.getvalue())
-    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
-    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
-    path.write_bytes(bytes(data))
-
-
-@contextmanager
-def hang_guard() -> Iterator[None]:
-    """Fail (instead of blocking forever) when the block has not returned after HANG_GUARD_S."""
-    def hung(*_: object) -> None:
-        raise TimeoutError(f"blocked for {HANG_GUARD_S} s")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(HANG_GUARD_S)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def test_walk_keeps_image_extensions_in_any_case_and_skips_hidden_and_loops(tmp_path: Path) -> None:

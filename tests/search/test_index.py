@@ -24,7 +24,7 @@ from search import index as index_module
 from search.index import build_index, read_manifest
 from search.model import embedding_mode, interaction_mode
 from tests.extract.cli_helpers import run_cli
-from tests.search.test_folder import hang_guard, png_header
+from tests.hostile import hang_guard, png_header
 from tests.search.world import PhotoWorld
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

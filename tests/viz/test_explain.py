@@ -14,6 +14,7 @@ from transformers import BertTokenizer
 from cache.batch import as_cached
 from heads.checkpoint import load_checkpoint, save_checkpoint
 from tests.extract.cli_helpers import run_cli
+from tests.hostile import png_header
 from tests.viz.world import VizWorld
 from viz.explain import DRAWERS, explain
 from viz.figure import panel_shape, pixel_size
@@ -86,6 +87,10 @@ def test_bad_requests_stop_with_one_line(viz_world: VizWorld, tmp_path: Path) ->
     code, message = run_cli("explain", "--checkpoint", tgdt, "--image", tmp_path / "none.jpg",
                             "--caption", "a circle", "--out", out)
     assert code == 2 and "none.jpg: image file not found" in message
+    png_header(tmp_path / "bomb.png", 20000, 20000)                     # a decompression bomb
+    code, message = run_cli("explain", "--checkpoint", tgdt, "--image", tmp_path / "bomb.png",
+                            "--caption", "a circle", "--out", out)
+    assert code == 2 and "bomb.png: cannot decode image: Image size (400000000 pixels)" in message
     assert not out.exists()
 
 
