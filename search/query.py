@@ -138,10 +138,10 @@ class Index:
             return False
         old_run = self.manifest["checkpoint"]["sha256"]
         self._read()
-        stale = ["faiss", "cache", "model"]
+        dropped = ["faiss", "cache", "model"]
         if self.manifest["checkpoint"]["sha256"] != old_run:
-            stale += ["state", "text_encoder", "image_encoder"]
-        for name in stale:
+            dropped += ["state", "text_encoder", "image_encoder"]
+        for name in dropped:
             self.__dict__.pop(name, None)
         return True
 
@@ -177,9 +177,10 @@ class Index:
                              "pass its new place with --checkpoint")
         state = load_checkpoint(self._checkpoint)
         if checkpoint_sha256(self._checkpoint) != self.manifest["checkpoint"]["sha256"]:
-            raise InputError(f"--checkpoint {printable(self._checkpoint)}: not the checkpoint "
+            raise InputError(f"{printable(self._checkpoint)}: not the checkpoint "
                              f"{printable(self.folder)} was built with (its SHA-256 differs); "
-                             "rebuild the index with cli index")
+                             "pass that run with --checkpoint, or rebuild the index with cli "
+                             "index")
         return state
 
     @cached_property
