@@ -16,16 +16,20 @@ PIL in DataLoader workers. Every problem a user can fix raises `InputError` with
 file and line or row. Decoding is strict: truncated files fail (``LOAD_TRUNCATED_IMAGES`` is never
 set), every mode (grayscale, 16-bit, CMYK, palette, alpha) becomes RGB (transparency composited on
 white), and the EXIF orientation tag of phone photos is applied (`PIL.ImageOps.exif_transpose`), so
-a portrait photo is decoded upright.
+a portrait photo is decoded upright. Only regular files are opened (`open_regular`: a FIFO never
+blocks), images over Pillow's decompression-bomb limit are refused, and HEIC/HEIF photos decode when
+``pillow-heif`` is installed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -188,15 +192,61 @@ class ImageDataset(torch.utils.data.Dataset):
         return row, self.transform(image)
 
 
+def _register_heif() -> bool:
+    """Let Pillow open HEIC/HEIF photos when ``pillow-heif`` is installed; whether it is."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
+HEIF_SUPPORTED = _register_heif()
+
+
+class NotRegularFileError(OSError):
+    """A path that is a FIFO, socket, device or folder where a file was expected."""
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file; `NotRegularFileError` at once for a
+    FIFO, socket or device (checked before and after opening, which is non-blocking: never hangs)."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+        file = open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK))
+        mode = os.fstat(file.fileno()).st_mode
+        if stat.S_ISREG(mode):
+            return file
+        file.close()
+    raise NotRegularFileError(f"not a regular file ({file_kind(mode)})")
+
+
+def file_kind(mode: int) -> str:
+    """What an ``st_mode`` is, in words (``regular file``, ``FIFO``, ``socket``, ...)."""
+    kinds = ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"),
+             (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"), (stat.S_ISLNK, "symbolic link"))
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Decode an image fully, turn it upright by its EXIF orientation and convert it to RGB;
-    `ImageDecodeError` names the file on failure."""
+    `ImageDecodeError` names the file on failure. Only a regular file is opened (`open_regular`:
+    never blocks); an image over Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS`` x 2)
+    is refused, a large one below it (a 100-megapixel photo) is decoded without a warning."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return _to_rgb(ImageOps.exif_transpose(image))
+        with open_regular(path) as file, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(file) as image:
+                image.load()
+                return _to_rgb(ImageOps.exif_transpose(image))
     except FileNotFoundError:
         raise ImageDecodeError(f"{path}: image file not found") from None
+    except PermissionError:
+        raise ImageDecodeError(f"{path}: cannot read image: permission denied") from None
+    except NotRegularFileError as err:
+        raise ImageDecodeError(f"{path}: {err}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageDecodeError(f"{path}: cannot decode image: {err}") from None
 

@@ -47,7 +47,7 @@ def main() -> None:
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:
-        driver.get(f"http://127.0.0.1:{server.server_port}/")
+        driver.get(server.url)                       # the address with its token
         box = driver.find_element(By.ID, "q")
         box.send_keys(args.query, Keys.ENTER)
         WebDriverWait(driver, 300).until(

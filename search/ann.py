@@ -9,7 +9,8 @@ rows of the index's image cache) whatever the kind:
 * ``ivf-pq``: ``IndexIVFPQ`` over about 4 sqrt(n) lists (at least 39 training points each),
   ``d / 4`` sub-quantisers (the largest divisor of d up to that) of up to 8 bits (fewer below
   10,000 photos: each of the 2^bits centroids gets 39 training points), 16 lists probed per query. Compressed: for
-  millions of photos on little memory; recall is below 1 (see bench/search.py).
+  millions of photos on little memory; recall is below 1 (see bench/search.py). Fewer than
+  `MIN_IVF_PQ` photos cannot train it: `fitting_kind` gives ``flat`` for them (cli index notes it).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 from cache.errors import InputError
 
 KINDS = ("flat", "hnsw", "ivf-pq")
+MIN_IVF_PQ = 2 * 39
 
 
 def _faiss():
@@ -74,3 +76,15 @@ def save_index(index, path: str) -> None:
 
 def load_index(path: str):
     return _faiss().read_index(path)
+
+
+def fitting_kind(kind: str, count: int) -> str:
+    """``kind``, or ``flat`` when ``count`` vectors are too few to train it (IVF-PQ needs
+    `MIN_IVF_PQ`: 39 training points for each of at least 2 centroids)."""
+    return "flat" if kind == "ivf-pq" and count < MIN_IVF_PQ else kind
+
+
+def fallback_note(kind: str, count: int) -> str:
+    """The note of an index built as ``flat`` instead of ``kind``."""
+    return (f"--kind {kind} needs at least {MIN_IVF_PQ} photos to train; the {count} photos are "
+            "indexed with flat (exact search) instead")

@@ -10,6 +10,8 @@ the run's text encoder would have), so tail sources and spec checks work as in `
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +62,30 @@ def checkpoint_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' loggers at "error" for the block (no weight-loading report on stderr: the
+    CLI sets ``TRANSFORMERS_VERBOSITY``, the Python API gets the same quiet here)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def image_encoder(features: dict[str, Any], where: str) -> ImageEncoder:
     """The image backbone of recorded features (encoder, weights, layer, resolution)."""
-    return recorded_encoder("image", features, where)
+    with quiet_transformers():
+        return recorded_encoder("image", features, where)
 
 
 def text_encoder(features: dict[str, Any], where: str) -> TextEncoder:
     """The text backbone of recorded features, with the tokenizer limit it was cached with."""
-    return recorded_encoder("text", features, where)
+    with quiet_transformers():
+        return recorded_encoder("text", features, where)
 
 
 def text_side(state: dict[str, Any]) -> RecordedCache:
@@ -87,5 +105,6 @@ def text_side(state: dict[str, Any]) -> RecordedCache:
 def load_model(state: dict[str, Any], image_cache: Any, mode: str | None) -> RetrievalModel:
     """The run's head behind its token sources for ``image_cache`` (checked against the run's
     image features), in eval mode with branch ``mode``."""
-    model = model_from_checkpoint(state, image_cache, text_side(state))
+    with quiet_transformers():                     # an e2e run rebuilds its backbones
+        model = model_from_checkpoint(state, image_cache, text_side(state))
     return model.set_mode(mode).eval()

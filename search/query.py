@@ -9,7 +9,11 @@ head's image side. ``rerank`` re-scores the first K hits of a text query with an
 (``--fine``) over the index's own image cache, which must hold that run's features.
 
 The index needs only its folder; text and image queries also load the checkpoint named in its
-manifest (or ``checkpoint=``), which must be the file the index was built with (same SHA-256).
+manifest (or ``checkpoint=``), which must be the file the index was built with (same SHA-256), and
+its photo folder must still be where it was indexed. `Index.refresh` re-reads the folder after a
+``cli index`` rewrote it (``cli serve`` calls it before each request); `Index.check` loads
+everything a query needs, so a bad checkpoint fails at once. In `Results.to_dict` (JSON) a path is
+in its printable form (`search.folder.printable`); `Index.names` maps those back.
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ from heads.checkpoint import load_checkpoint
 from heads.eval.scoring import encode_cache, inference, similarity_matrix
 from heads.sources import RetrievalModel
 from search import ann
-from search.index import read_manifest
+from search.folder import printable
+from search.index import MANIFEST, read_manifest
 from search.model import (
     checkpoint_sha256,
     image_encoder,
@@ -62,9 +67,15 @@ class Results:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """The results as JSON-ready values (paths in their printable form)."""
         return {"query": self.query, "notes": self.notes,
-                "hits": [{k: v for k, v in asdict(hit).items() if v is not None}
+                "hits": [{k: printable(v) if k == "path" else v
+                          for k, v in asdict(hit).items() if v is not None}
                          for hit in self.hits]}
+
+    def first(self, k: int) -> Results:
+        """The results cut to their first ``k`` hits."""
+        return Results(self.query, self.hits[:k], self.notes)
 
 
 def encode_text(model: RetrievalModel, encoder: TextEncoder, text: str,
@@ -94,11 +105,58 @@ class Index:
     def __init__(self, folder: str | Path, checkpoint: str | Path | None = None,
                  device: torch.device | None = None) -> None:
         self.folder = Path(folder)
+        self.device = torch.device("cpu") if device is None else device
+        self._given_checkpoint = checkpoint
+        self._signature: tuple[int, int] | None = None
+        self._read()
+
+    def _read(self) -> None:
+        """(Re-)read the manifest and what follows from it."""
+        self._signature = self._manifest_signature()
         self.manifest = read_manifest(self.folder)
         self.root = Path(self.manifest["images_root"])
-        self.device = torch.device("cpu") if device is None else device
-        self._checkpoint = Path(checkpoint or self.manifest["checkpoint"]["path"])
+        self.follow_links = bool(self.manifest.get("follow_links", False))
+        self._checkpoint = Path(self._given_checkpoint or self.manifest["checkpoint"]["path"])
         self.paths = {entry["row"]: entry["path"] for entry in self.manifest["photos"]}
+        self.names = {printable(path): path for path in self.paths.values()}
+
+    def _manifest_signature(self) -> tuple[int, int] | None:
+        try:
+            info = (self.folder / MANIFEST).stat()
+        except OSError:
+            return None
+        return info.st_mtime_ns, info.st_ino
+
+    def stale(self) -> bool:
+        """Whether ``cli index`` rewrote the index since it was read (its manifest changed)."""
+        return self._manifest_signature() != self._signature
+
+    def refresh(self) -> bool:
+        """Re-read the index if it is `stale`; whether it was. The backbones and the checkpoint
+        are kept unless the index now names another run."""
+        if not self.stale():
+            return False
+        old_run = self.manifest["checkpoint"]["sha256"]
+        self._read()
+        dropped = ["faiss", "cache", "model"]
+        if self.manifest["checkpoint"]["sha256"] != old_run:
+            dropped += ["state", "text_encoder", "image_encoder"]
+        for name in dropped:
+            self.__dict__.pop(name, None)
+        return True
+
+    def check(self) -> None:
+        """Load what a text query needs (checkpoint, model, text encoder, faiss index) and check
+        the photo folder, so that a problem is reported now rather than at the first query."""
+        self._require_photos()
+        for name in ("state", "model", "text_encoder", "faiss"):
+            getattr(self, name)           # a cached property: loaded now, kept for the queries
+
+    def _require_photos(self) -> None:
+        if not self.root.is_dir():
+            raise InputError(f"{printable(self.root)}: the photo folder of the index "
+                             f"{printable(self.folder)} is not there (moved?); run cli index on "
+                             f"its new place with --out {printable(self.folder)} to update it")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -113,10 +171,16 @@ class Index:
 
     @cached_property
     def state(self) -> dict[str, Any]:
+        if not self._checkpoint.is_file():
+            raise InputError(f"{printable(self._checkpoint)}: the checkpoint the index "
+                             f"{printable(self.folder)} was built with is not there (moved?); "
+                             "pass its new place with --checkpoint")
         state = load_checkpoint(self._checkpoint)
         if checkpoint_sha256(self._checkpoint) != self.manifest["checkpoint"]["sha256"]:
-            raise InputError(f"{self._checkpoint}: not the checkpoint {self.folder} was built "
-                             "with (its SHA-256 differs); rebuild the index with cli index")
+            raise InputError(f"{printable(self._checkpoint)}: not the checkpoint "
+                             f"{printable(self.folder)} was built with (its SHA-256 differs); "
+                             "pass that run with --checkpoint, or rebuild the index with cli "
+                             "index")
         return state
 
     @cached_property
@@ -139,6 +203,7 @@ class Index:
         """The ``k`` nearest photos of one embedding ``[1, d]``."""
         if k < 1:
             raise InputError(f"-k must be >= 1, got {k}")
+        self._require_photos()
         scores, ids = ann.search(self.faiss, embedding.float().cpu().numpy(), k)
         pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
         return [Hit(rank, score, self.paths[row], row)

@@ -17,11 +17,11 @@ from PIL import Image
 from cache.batch import IdsBatch, InputBatch, PixelBatch, as_cached
 from cache.errors import InputError
 from extract.recorded import recorded_encoder
-from extract.datasets import SplitIndex
+from extract.datasets import SplitIndex, load_rgb
 from extract.runner import image_attrs, text_attrs
 from heads.checkpoint import RecordedCache, load_checkpoint, model_from_checkpoint
 from heads.sources import RetrievalModel
-from viz.overlay import as_seen, open_image
+from viz.overlay import as_seen
 
 
 @dataclass
@@ -51,7 +51,7 @@ def load_pair(checkpoint: str | Path, image_path: str | Path, caption: str,
         raise InputError(f"{checkpoint}: the image side of head {state['head_name']!r} reads "
                          f"{image_features['encoder']!r} tokens without a grid (region features?); "
                          "explain draws on a backbone's patch grid")
-    image = open_image(image_path)
+    image = load_rgb(image_path)            # the decoder of cli extract and cli index
     image_encoder = recorded_encoder("image", image_features, checkpoint)
     text_encoder = recorded_encoder("text", text_features, checkpoint)
 

@@ -1,29 +1,14 @@
 """Values over an image's token grid drawn on the image: the image as the backbone saw it, grid
-values upsampled to it and alpha-blended, cell outlines for selected tokens."""
+values upsampled to it and alpha-blended, cell outlines for selected tokens. (Images are decoded by
+`extract.datasets.load_rgb`, the decoder of extraction and indexing.)"""
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
-from PIL import Image, UnidentifiedImageError
-
-from cache.errors import InputError
+from PIL import Image
 
 HEAT_ALPHA = 0.55
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """An RGB image; InputError naming the file when it is missing or not an image."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: image not found")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"{path}: not a readable image ({exc})") from None
 
 
 def as_seen(image: Image.Image, preprocessing: dict) -> Image.Image:

@@ -1,9 +1,14 @@
 """``cli index`` and ``search.open_index``: a folder of photos indexed with a trained run, queried
-by photo and text, updated incrementally, resumed after a kill, refused with one clear line."""
+by photo and text, updated incrementally, resumed after a kill, refused with one clear line; odd
+files reported, a foreign --out refused, concurrent runs on one --out stopped by its lock."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +18,13 @@ import torch
 import search
 from cache.errors import InputError
 from cache.store import ImageCache
+from extract import datasets
 from heads.checkpoint import load_checkpoint
 from search import index as index_module
 from search.index import build_index, read_manifest
 from search.model import embedding_mode, interaction_mode
 from tests.extract.cli_helpers import run_cli
+from tests.hostile import hang_guard, png_header
 from tests.search.world import PhotoWorld
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -62,7 +69,8 @@ def test_index_reports_bad_files_and_finds_each_photo_by_itself(photo_world: Pho
     embeddings = np.load(out / manifest["embeddings"])
     assert embeddings.dtype == np.float32 and embeddings.shape == (len(cache), manifest["dim"])
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["manifest.json", manifest["cache"], manifest["embeddings"], manifest["faiss"]])
+        ["manifest.json", "index.lock", manifest["cache"], manifest["embeddings"],
+         manifest["faiss"]])
 
     opened = search.open_index(out)
     assert len(opened) == len(photo_world.good)
@@ -98,6 +106,9 @@ def test_rerun_extracts_only_new_and_changed_photos_and_survives_a_move(
     paths = [p["path"] for p in manifest["photos"]]
     assert added in paths and deleted not in paths and changed in paths
     assert len(list(out.glob("images-*.h5"))) == 1               # the old cache was removed
+    after_update = read_manifest(out)
+    again = build_index(photos, photo_world.checkpoint, out, progress=False)
+    assert again.up_to_date and read_manifest(out) == after_update   # rows kept their order
     opened = search.open_index(out)
     assert opened.query_image(photos / added, k=1).hits[0].path in (added, photo_world.good[2])
     assert opened.query_image(photos / changed, k=2).hits[0].path in (
@@ -122,22 +133,24 @@ def test_a_killed_run_resumes_and_never_leaves_a_half_written_index(
     appended = []
     original = index_module.ImageCacheWriter.append
 
-    def dies_after_two_batches(self, *args, **kwargs):
-        if len(appended) == 2:
+    def dies_after_four_batches(self, *args, **kwargs):
+        if len(appended) == 4:
             raise KeyboardInterrupt
         appended.append(1)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(index_module.ImageCacheWriter, "append", dies_after_two_batches)
+    monkeypatch.setattr(index_module.ImageCacheWriter, "append", dies_after_four_batches)
     with pytest.raises(KeyboardInterrupt):
         build_index(photos, photo_world.checkpoint, out, batch_size=4, progress=False)
     assert (out / "manifest.json").read_bytes() == before          # still the old index
     assert search.open_index(out).query_image(photos / photo_world.good[0], k=1).hits
     (partial,) = out.glob("images-*.h5.partial")
-    assert ImageCache(partial, allow_incomplete=True).rows_written == 8     # two batches of 4
+    written = ImageCache(partial, allow_incomplete=True).rows_written
+    assert written == 14         # 10 unchanged rows copied (4 + 4 + 2), one batch of 4 new ones
     monkeypatch.setattr(index_module.ImageCacheWriter, "append", original)
     report = build_index(photos, photo_world.checkpoint, out, batch_size=4, progress=False)
     assert report.photos == len(photo_world.good) + 6 and not partial.exists()
+    assert (report.extracted, report.copied) == (2, len(photo_world.good))  # 4 before the kill
     fresh = tmp_path / "fresh"
     build_index(photos, photo_world.checkpoint, fresh, batch_size=4, workers=1, progress=False)
     by_path = []
@@ -150,15 +163,29 @@ def test_a_killed_run_resumes_and_never_leaves_a_half_written_index(
         np.testing.assert_allclose(vector, by_path[1][path], atol=1e-5, err_msg=path)
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf-pq"])
-def test_approximate_kinds_find_a_photo_by_itself(photo_world: PhotoWorld, tmp_path: Path,
-                                                  kind: str) -> None:
-    out = tmp_path / kind
-    build_index(photo_world.photos, photo_world.checkpoint, out, kind=kind, progress=False)
+def test_hnsw_finds_a_photo_by_itself(photo_world: PhotoWorld, tmp_path: Path) -> None:
+    out = tmp_path / "hnsw"
+    build_index(photo_world.photos, photo_world.checkpoint, out, kind="hnsw", progress=False)
     opened = search.open_index(out)
-    assert opened.manifest["kind"] == kind
+    assert opened.manifest["kind"] == "hnsw"
     hits = opened.query_image(photo_world.photos / photo_world.good[0], k=3).hits
-    assert hits and (kind == "ivf-pq" or hits[0].path == photo_world.good[0])
+    assert hits[0].path == photo_world.good[0]
+
+
+def test_ivf_pq_on_a_folder_too_small_to_train_it_falls_back_to_flat(photo_world: PhotoWorld,
+                                                                     tmp_path: Path) -> None:
+    out = tmp_path / "ivf"
+    code, output = run_cli("index", photo_world.photos, "--checkpoint", photo_world.checkpoint,
+                           "--out", out, "--kind", "ivf-pq", "--device", "cpu", "--no-progress")
+    assert code == 0, output
+    assert "note: --kind ivf-pq needs at least 78 photos" in output and "flat" in output
+    opened = search.open_index(out)
+    assert opened.manifest["kind"] == "flat"
+    hits = opened.query_image(photo_world.photos / photo_world.good[0], k=3).hits
+    assert hits[0].path == photo_world.good[0]
+    code, output = run_cli("index", photo_world.photos, "--checkpoint", photo_world.checkpoint,
+                           "--out", out, "--kind", "ivf-pq", "--device", "cpu", "--no-progress")
+    assert code == 0 and "up to date" in output and "note: --kind ivf-pq" in output, output
 
 
 def test_heads_without_an_embedding_branch_are_refused_with_those_that_work() -> None:
@@ -216,3 +243,125 @@ def test_a_folder_of_files_that_are_no_images_at_all(photo_world: PhotoWorld,
     with pytest.raises(InputError, match=r"none of the 2 files .*a.jpg: empty file"):
         build_index(folder, photo_world.checkpoint, tmp_path / "index", progress=False)
     assert not list((tmp_path / "index").glob("*"))
+
+
+def test_a_real_photo_dump_is_indexed_with_every_odd_file_reported(
+        photo_world: PhotoWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FIFO, a socket, an unreadable photo, a decompression bomb, a link out of the folder, a
+    non-UTF-8 name and one with terminal escape codes: indexed or reported, never a hang or a
+    traceback, every printed path escaped; the rerun is a no-op."""
+    photos = _copy_photos(photo_world, tmp_path / "photos")
+    os.mkfifo(photos / "pipe.jpg")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(photos / "sock.png"))
+    png_header(photos / "bomb.png", 20000, 20000)
+    odd = os.fsdecode(b"trip/bad\xff\xfename.jpg")
+    evil = "trip/evil\x1b[2J\nname.jpg"
+    shutil.copy(photos / photo_world.good[0], photos / odd)
+    shutil.copy(photos / photo_world.good[1], photos / evil)
+    shutil.copy(photos / photo_world.good[2], photos / "locked.jpg")
+    shutil.copy(photos / photo_world.good[3], tmp_path / "outside.jpg")
+    os.symlink(tmp_path / "outside.jpg", photos / "away.jpg")
+    os.symlink("/etc", photos / "etc")
+    locked, real_open = str(photos / "locked.jpg"), os.open
+
+    def refusing_open(path, flags, *args, **kwargs):     # root reads mode 000: refuse at open(2)
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.os, "open", refusing_open)
+    out = tmp_path / "index"
+    try:
+        with hang_guard():
+            code, output = run_cli("index", photos, "--checkpoint", photo_world.checkpoint,
+                                   "--out", out, "--device", "cpu", "--no-progress")
+            assert code == 0, output
+            again_code, again = run_cli("index", photos, "--checkpoint", photo_world.checkpoint,
+                                        "--out", out, "--device", "cpu", "--no-progress")
+    finally:
+        server.close()
+    assert "\x1b" not in output and "\udcff" not in output
+    lines = output.splitlines()
+    assert "skipped: pipe.jpg: not a regular file (FIFO)" in lines
+    assert "skipped: sock.png: not a regular file (socket)" in lines
+    assert any(line.startswith("skipped: away.jpg: symbolic link to outside") for line in lines)
+    assert any(line.startswith("skipped: etc: symbolic link to outside") for line in lines)
+    assert any(line.startswith("bad file: bomb.png: image too large") for line in lines), output
+    assert "bad file: locked.jpg: cannot read: Permission denied" in lines
+    assert f"{len(photo_world.good) + 2} photos indexed" in lines[-1]
+    assert "2 bad, 4 skipped" in lines[-1]
+    manifest = read_manifest(out)
+    paths = [p["path"] for p in manifest["photos"]]
+    assert odd in paths and evil in paths and "away.jpg" not in paths
+    assert not any("passwd" in p for p in paths)
+    assert again_code == 0 and "up to date" in again and "2 bad, 4 skipped" in again, again
+
+    code, table = run_cli("search", out, "--image", photos / odd, "-k", 3, "--device", "cpu")
+    assert code == 0 and "\x1b" not in table, table
+    rows = table.strip().splitlines()            # the photo and its twin (the same pixels)
+    assert len(rows) == 4 and any(row.endswith("trip/bad\\xff\\xfename.jpg") for row in rows[1:3])
+    code, table = run_cli("search", out, "--image", photos / evil, "-k", 2, "--json")
+    assert "trip/evil\\x1b[2J\\nname.jpg" in [hit["path"] for hit in json.loads(table)["hits"]]
+
+
+def test_a_foreign_out_folder_is_refused_and_only_our_files_are_ever_deleted(
+        photo_world: PhotoWorld, tmp_path: Path) -> None:
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    for name in ("embeddings-1.npy", "index-2.faiss", "images-3.h5", "notes.txt"):
+        (foreign / name).write_text("the user's")
+    code, message = run_cli("index", photo_world.photos, "--checkpoint", photo_world.checkpoint,
+                            "--out", foreign, "--device", "cpu")
+    assert code == 2 and "no index of cli index" in message, message
+    assert sorted(p.name for p in foreign.iterdir()) == [
+        "embeddings-1.npy", "images-3.h5", "index-2.faiss", "notes.txt"]
+
+    out = tmp_path / "index"
+    build_index(photo_world.photos, photo_world.checkpoint, out, progress=False)
+    planted = out / "index-0123456789ab.faiss"           # looks like ours, is not in the manifest
+    planted.write_text("the user's")
+    photos = _copy_photos(photo_world, tmp_path / "photos")
+    (photos / photo_world.good[0]).unlink()
+    build_index(photos, photo_world.checkpoint, out, progress=False)
+    assert planted.read_text() == "the user's"
+    assert len(list(out.glob("images-*.h5"))) == 1 and len(list(out.glob("index-*.faiss"))) == 2
+
+
+def test_concurrent_runs_on_one_out_are_refused_and_a_corrupt_partial_is_rebuilt(
+        photo_world: PhotoWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "index"
+    out.mkdir()
+    holder = subprocess.Popen(      # another cli index: holds the lock until its stdin closes
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from search.index import _locked\n"
+         f"with _locked(Path({str(out)!r})):\n print('locked', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        code, message = run_cli("index", photo_world.photos, "--checkpoint",
+                                photo_world.checkpoint, "--out", out, "--device", "cpu")
+        assert code == 2 and message == (f"another cli index is writing {out} (pid {holder.pid}); "
+                                         "wait for it to finish"), message
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert not list(out.glob("*.partial")) and not (out / "manifest.json").exists()
+
+    original = index_module.ImageCacheWriter.append
+
+    def dies(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(index_module.ImageCacheWriter, "append", dies)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(photo_world.photos, photo_world.checkpoint, out, progress=False)
+    monkeypatch.setattr(index_module.ImageCacheWriter, "append", original)
+    (partial,) = out.glob("images-*.h5.partial")
+    partial.write_bytes(partial.read_bytes()[:100])                 # cut short by a crash
+    code, output = run_cli("index", photo_world.photos, "--checkpoint", photo_world.checkpoint,
+                           "--out", out, "--device", "cpu", "--no-progress")
+    assert code == 0 and f"note: discarded {partial.name}" in output, output
+    assert f"{len(photo_world.good)} photos indexed ({len(photo_world.good)} extracted" in output
+    assert not partial.exists()

@@ -1,8 +1,10 @@
 """``cli search``: the table, JSON and gallery page of a text or photo query, a query longer than
-the tokenizer's limit, and re-ranking the shortlist with an interaction head (``--fine``)."""
+the tokenizer's limit, re-ranking a shortlist of K with an interaction head (``--fine``) whatever
+``-k`` shows, and the errors of a moved run or photo folder."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,12 @@ def test_rerank_rescoring_the_shortlist_with_an_interaction_head(
                            fine, "--json", "--device", "cpu")
     assert code == 0, output
     assert [h["path"] for h in json.loads(output)["hits"]] == [h.path for h in reranked.hits]
+    code, output = run_cli("search", indexed, "a red circle", "-k", 2, "--rerank", 6, "--fine",
+                           fine, "--json", "--device", "cpu")        # a shortlist of 6, show 2
+    assert code == 0, output
+    deep = opened.rerank(opened.query_text("a red circle", k=6), fine, 6)
+    assert [h["path"] for h in json.loads(output)["hits"]] == [h.path for h in deep.hits[:2]]
+    assert [h["coarse"] for h in json.loads(output)["hits"]] == [h.coarse for h in deep.hits[:2]]
 
     state = load_checkpoint(fine)
     state["features"]["image"]["layer"] = 1
@@ -119,3 +127,45 @@ def test_an_e2e_run_indexes_and_queries_through_its_tuned_backbones(photo_world:
         hit = opened.query_image(photo_world.photos / rel, k=1).hits[0]
         assert hit.path == rel and hit.score == pytest.approx(1.0, abs=1e-4)
     assert len(opened.query_text("a red circle", k=4).hits) == 4
+
+
+def test_a_moved_run_or_photo_folder_gets_an_error_naming_what_to_do(
+        photo_world: PhotoWorld, tmp_path: Path) -> None:
+    checkpoint = Path(shutil.copy(photo_world.checkpoint, tmp_path / "best.pt"))
+    photos = Path(shutil.copytree(photo_world.photos, tmp_path / "photos"))
+    out = tmp_path / "index"
+    build_index(photos, checkpoint, out, progress=False)
+    moved = Path(shutil.move(checkpoint, tmp_path / "moved.pt"))
+    code, message = run_cli("search", out, "a red circle", "--device", "cpu")
+    assert code == 2 and "best.pt: the checkpoint the index" in message, message
+    assert "pass its new place with --checkpoint" in message
+    code, output = run_cli("search", out, "a red circle", "--checkpoint", moved, "--device", "cpu")
+    assert code == 0, output
+
+    shutil.move(photos, tmp_path / "elsewhere")
+    for extra in ([], ["--html", tmp_path / "page.html"]):
+        code, message = run_cli("search", out, "a red circle", "--checkpoint", moved, *extra)
+        assert code == 2 and "photos: the photo folder of the index" in message, message
+        assert f"cli index on its new place with --out {out}" in message
+
+
+def test_the_python_api_loads_backbones_without_transformers_reports(
+        indexed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``search.open_index`` keeps transformers' loggers at "error" while it loads, as the CLI."""
+    from transformers.utils import logging as hf_logging
+
+    from search import model as model_module
+
+    levels = []
+    original = model_module.recorded_encoder
+
+    def recording(*args, **kwargs):
+        levels.append(hf_logging.get_verbosity())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "recorded_encoder", recording)
+    hf_logging.set_verbosity_warning()
+    opened = search.open_index(indexed)
+    assert opened.query_text("a red circle", k=2).hits
+    assert levels == [hf_logging.ERROR]
+    assert hf_logging.get_verbosity() == hf_logging.WARNING          # restored afterwards

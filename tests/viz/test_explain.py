@@ -1,16 +1,20 @@
 """``cli explain`` on real tiny checkpoints: the image and caption through the recorded backbones,
-one picture per head branch (size and word panels checked), and the one-line errors."""
+one picture per head branch (size and word panels checked), and the one-line errors; photos decoded
+as cli extract and cli index decode them."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from transformers import BertTokenizer
 
+from cache.batch import as_cached
 from heads.checkpoint import load_checkpoint, save_checkpoint
 from tests.extract.cli_helpers import run_cli
+from tests.hostile import png_header
 from tests.viz.world import VizWorld
 from viz.explain import DRAWERS, explain
 from viz.figure import panel_shape, pixel_size
@@ -82,7 +86,11 @@ def test_bad_requests_stop_with_one_line(viz_world: VizWorld, tmp_path: Path) ->
     assert code == 2 and "no inference mode 'sideways'" in message
     code, message = run_cli("explain", "--checkpoint", tgdt, "--image", tmp_path / "none.jpg",
                             "--caption", "a circle", "--out", out)
-    assert code == 2 and "none.jpg: image not found" in message
+    assert code == 2 and "none.jpg: image file not found" in message
+    png_header(tmp_path / "bomb.png", 20000, 20000)                     # a decompression bomb
+    code, message = run_cli("explain", "--checkpoint", tgdt, "--image", tmp_path / "bomb.png",
+                            "--caption", "a circle", "--out", out)
+    assert code == 2 and "bomb.png: cannot decode image: Image size (400000000 pixels)" in message
     assert not out.exists()
 
 
@@ -201,3 +209,42 @@ def test_explain_runs_an_e2e_run_on_the_photo_and_the_word_pieces(viz_world: Viz
     out = tmp_path / "e2e.png"
     code, output = _explain(viz_world, best, out)
     assert code == 0 and Image.open(out).size[0] > 0, output
+
+
+def _odd_photos(folder: Path, source: Path) -> dict[str, Path]:
+    """Photos that a naive ``Image.open(...).convert("RGB")`` decodes otherwise than extraction:
+    an EXIF-rotated JPEG, a 16-bit grayscale PNG and a PNG whose transparent part is red."""
+    base = Image.open(source).convert("RGB").resize((48, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6                                       # orientation: rotate 90 degrees
+    base.save(folder / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    gray = np.asarray(base.convert("L"), np.uint16) * 257
+    Image.fromarray(gray).save(folder / "deep.png")                 # mode I;16
+    rgba = base.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(base.size))
+    pixels = np.asarray(rgba).copy()
+    pixels[pixels[..., 3] < 128, :3] = (255, 0, 0)          # hidden red, shown as white
+    Image.fromarray(pixels, "RGBA").save(folder / "alpha.png")
+    return {name: folder / name for name in ("rotated.jpg", "deep.png", "alpha.png")}
+
+
+def test_explain_decodes_a_photo_as_index_and_extract_do(viz_world: VizWorld,
+                                                         tmp_path: Path) -> None:
+    """EXIF orientation, 16-bit depth and alpha: explain's tokens are those cli index computes
+    for the same file (its `FolderImages`), not those of a naive decode."""
+    from extract.recorded import recorded_encoder
+    from search.folder import FolderImages
+    from viz.inputs import load_pair
+
+    checkpoint = viz_world.run("linear") / "best.pt"
+    encoder = recorded_encoder("image", load_checkpoint(checkpoint)["features"]["image"],
+                               str(checkpoint))
+    for name, path in _odd_photos(tmp_path, viz_world.image).items():
+        _, pixels, reason = FolderImages(tmp_path, [name], encoder.transform)[0]
+        assert reason == ""
+        naive = encoder.transform(Image.open(path).convert("RGB"))
+        assert not torch.allclose(naive, pixels, atol=1e-2), name       # the decoders differ here
+        with torch.no_grad():
+            indexed = as_cached(encoder(pixels.unsqueeze(0))).tokens
+        pair = load_pair(checkpoint, path, viz_world.caption)
+        torch.testing.assert_close(pair.image.tokens, indexed, atol=0, rtol=0, msg=name)
