@@ -13,12 +13,14 @@ import torch
 
 from cache.batch import IdsBatch, PixelBatch
 from cache.store import ImageCache, TextCache
-from heads.checkpoint import load_checkpoint, model_from_checkpoint
+from heads.checkpoint import load_checkpoint
 from heads.config import load_config
 from heads.eval.evaluate import evaluate
 from heads.raw_inputs import CaptionIds, WordPieceAugment, training_transform
-from heads.sources import BackboneTokens, RetrievalModel, SourceOptions, build_source
-from heads.train import Trainer, layer_scales, sync_head_batchnorm
+from heads.model import RetrievalModel, create_model
+from heads.sources import BackboneTokens, SourceOptions, build_source
+from heads.sources.registry import backbone_layer_depths
+from heads.train import Trainer, sync_head_batchnorm
 from tests.extract.cli_helpers import run_cli
 from tests.heads.tail_world import (DATASET, TailWorld, make_tail_world, split_caches,
                                     tail_overrides, train_cli, assert_refused)
@@ -82,7 +84,7 @@ def test_an_e2e_run_tunes_whole_backbones_and_eval_reads_the_photos(world: TailW
     assert code == 0, output
     report = json.loads((run / "eval-test.json").read_text())
     images, texts = _caches(world, "test")
-    assert evaluate(model_from_checkpoint(state, images, texts), images, texts)["metrics"] \
+    assert evaluate(create_model(state, images, texts), images, texts)["metrics"] \
         == report["metrics"]
 
     moved = Path(shutil.copytree(world.data / "images", tmp_path / "moved"))
@@ -176,10 +178,9 @@ def test_training_transform_crops_flips_and_normalises(world: TailWorld) -> None
 def test_layer_decay_scales_blocks_from_the_top() -> None:
     names = ["encoder.model.embeddings.word.weight", "encoder.model.encoder.layer.0.dense.weight",
              "encoder.model.encoder.layer.2.dense.weight", "encoder.model.layernorm.weight"]
-    assert layer_scales(names, 0.5) == {names[0]: 0.5 ** 4, names[1]: 0.5 ** 3,
-                                        names[2]: 0.5, names[3]: 1.0}
+    assert backbone_layer_depths(names) == {names[0]: 4, names[1]: 3, names[2]: 1, names[3]: 0}
     tail = ["tail.blocks.4.attn.weight", "tail.blocks.5.attn.weight", "tail.norm.weight"]
-    assert layer_scales(tail, 0.5) == {tail[0]: 0.25, tail[1]: 0.5, tail[2]: 1.0}
+    assert backbone_layer_depths(tail) == {tail[0]: 2, tail[1]: 1, tail[2]: 0}
 
 
 def test_e2e_lr_layer_decay_and_frozen_first_epochs(world: TailWorld, tmp_path: Path,
