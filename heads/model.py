@@ -30,11 +30,12 @@ from torch import Tensor, nn
 from cache.batch import InputBatch
 from cache.datasets import token_batches
 from cache.errors import InputError
-from cache.store import MODALITIES, CacheAttrs, ImageCache, TextCache
+from cache.store import CacheAttrs, ImageCache, TextCache
 from heads.base import Encoded, FeatureSpec, Head
 from heads.checkpoint import head_from_checkpoint
 from heads.registry import build_head
-from heads.sources import CachedTokens, SourceOptions, TokenSource, build_source, source_kinds
+from heads.sources.cache import CachedTokens
+from heads.sources.registry import SourceOptions, TokenSource, build_source, source_kinds
 
 
 class RetrievalModel(nn.Module):
@@ -178,20 +179,20 @@ def create_model(run: Mapping[str, Any], image_cache: Any, text_cache: Any, *,
     of its cache (`heads.sources.build_source`), the head for the specs its sources hand it."""
     checkpoint = "head_name" in run
     config = run["config"] if checkpoint else run
-    caches = {"image": image_cache, "text": text_cache}
     options = SourceOptions.from_config(config)
     if checkpoint:
         options = dataclasses.replace(options, images_root=None if photos is None else str(photos),
                                       grad_checkpointing=False)
-    sources = {side: build_source(kind, caches[side], options)
-               for side, kind in source_kinds(config).items()}
+    kinds = source_kinds(config)
+    sources = {"image": build_source(kinds["image"], image_cache, options),
+               "text": build_source(kinds["text"], text_cache, options)}
     if seed is not None:
         seed_everything(seed)
     if checkpoint:
         head = head_from_checkpoint(run, image_cache, text_cache, sources)
     else:
-        specs = [sources[side].output_spec(FeatureSpec.from_cache(caches[side]))
-                 for side in MODALITIES]
+        specs = [sources["image"].output_spec(FeatureSpec.from_cache(image_cache)),
+                 sources["text"].output_spec(FeatureSpec.from_cache(text_cache))]
         head = build_head(config["head"]["name"], *specs,
                           **{k: v for k, v in config["head"].items() if k != "name"})
     model = RetrievalModel(head, **{f"{side}_source": s for side, s in sources.items()})

@@ -219,7 +219,8 @@ class Trainer:
 
     def __init__(self, config: dict[str, Any], out_dir: str | Path, resume: bool = False,
                  show_progress: bool = True) -> None:
-        self.config, self.out_dir, self.show_progress = config, Path(out_dir), show_progress
+        self.config = config
+        self.out_dir, self.show_progress = Path(out_dir), show_progress
         self.dist = init_distributed(config["run"]["device"])
         if config["run"]["threads"] > 0:
             torch.set_num_threads(config["run"]["threads"])
@@ -272,7 +273,8 @@ class Trainer:
         cache, a tail or e2e side loading its backbone, then the head for the sources' specs,
         seeded by ``run.seed``), the sources checked to find what they read in the train and dev
         splits; loss and optimiser groups."""
-        config, optim = self.config, self.config["optim"]
+        config = self.config
+        optim = config["optim"]
         self.head_options = {k: v for k, v in config["head"].items() if k != "name"}
         self.model = create_model(config, self.train_images, self.train_texts,
                                   seed=config["run"]["seed"])
