@@ -14,6 +14,7 @@ from torch import nn
 from cache.batch import IdsBatch, InputBatch, PixelBatch, TokenBatch
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
+from extract.encoders import group_depths
 from heads.base import FeatureSpec
 from heads.raw_inputs import (CaptionIds, PhotoFiles, WordPieceAugment, id_batches, images_root,
                               photo_batches, training_transform)
@@ -91,6 +92,11 @@ class BackboneTokens(TokenSource):
     def encode_raw(self, raw: PixelBatch | IdsBatch, encoder: Encoder) -> InputBatch:
         """The photo or caption itself: the tuned backbone reads it."""
         return raw
+
+    def layer_depths(self, names: list[str]) -> dict[str, int]:
+        inner = [n.removeprefix("encoder.model.") for n in names]
+        depths = group_depths(self.encoder.group_matcher(), inner)
+        return {name: depths[n] for name, n in zip(names, inner)}
 
     def train(self, mode: bool = True) -> BackboneTokens:
         from extract.tails import freeze_batchnorm

@@ -37,7 +37,6 @@ kind.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
@@ -151,28 +150,11 @@ class TokenSource(nn.Module):
         """InputError naming what this source would read from ``cache``'s split and cannot."""
 
     def layer_depths(self, names: list[str]) -> dict[str, int]:
-        """Its parameter groups: how many layers below the backbone's top each of its parameters
+        """Its parameter groups: how many layers below its backbone's top each of its parameters
         ``names`` (as named inside the source) sits, for layer-wise lr decay (a parameter's lr is
-        multiplied by ``optim.layer_decay ** depth``). Default: `backbone_layer_depths`."""
-        return backbone_layer_depths(names)
-
-
-_BLOCK = re.compile(r"(?:^|\.)(?:layer|blocks)\.(\d+)\.")
-_STEM = re.compile(r"(?:^|\.)(?:embeddings|patch_embed|cls_token|pos_embed|reg_token|conv_stem|"
-                   r"bn1)(?:\.|$)")
-
-
-def backbone_layer_depths(names: list[str]) -> dict[str, int]:
-    """timm's ``param_groups_layer_decay`` rule over one tuned backbone's parameter names
-    (transformers and timm names alike): block ``i`` (``layer.<i>.`` / ``blocks.<i>.``) is layer
-    i + 1, the stem (embeddings, patch embedding, CLS / position tokens, a CNN's first conv) layer
-    0, anything after the last block (final norm, head conv) the top, layer L + 1, L the number of
-    blocks (the last index + 1: a tail keeps the backbone's indices); the depth of layer l is
-    L + 1 - l."""
-    blocks = {name: int(m.group(1)) for name in names if (m := _BLOCK.search(name))}
-    top = max(blocks.values(), default=-1) + 2
-    return {name: top - (blocks[name] + 1) if name in blocks else top if _STEM.search(name) else 0
-            for name in names}
+        multiplied by ``optim.layer_decay ** depth``); the tuned kinds read their backbone's
+        ``group_matcher`` (`extract.encoders.group_depths`). Default: every one at the top."""
+        return {name: 0 for name in names}
 
 
 _SOURCES: dict[str, type[TokenSource]] = {}

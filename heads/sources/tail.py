@@ -12,6 +12,7 @@ from torch import nn
 
 from cache.batch import TokenBatch
 from cache.store import ImageCache, TextCache
+from extract.encoders import group_depths
 from heads.base import FeatureSpec
 from heads.sources.registry import SourceOptions, TokenSource, register_source
 
@@ -52,6 +53,10 @@ class TailTokens(TokenSource):
         from extract.tails import tail_of
 
         return cls(tail_of(encoder, where))
+
+    def layer_depths(self, names: list[str]) -> dict[str, int]:
+        depths = group_depths(self.tail.group_matcher(), [n.removeprefix("tail.") for n in names])
+        return {name: depths[name.removeprefix("tail.")] for name in names}
 
     def forward(self, batch: TokenBatch) -> TokenBatch:
         tokens = self.tail(batch.tokens, batch.mask)

@@ -9,17 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
+from torch import nn
 
 from cache.batch import IdsBatch, PixelBatch
 from cache.store import ImageCache, TextCache
+from extract.encoders import group_depths, group_matcher
+from extract.tails import Tail
 from heads.checkpoint import load_checkpoint
 from heads.config import load_config
 from heads.eval.evaluate import evaluate
-from heads.raw_inputs import CaptionIds, WordPieceAugment, training_transform
 from heads.model import RetrievalModel, create_model
+from heads.raw_inputs import CaptionIds, WordPieceAugment, training_transform
 from heads.sources import BackboneTokens, SourceOptions, build_source
-from heads.sources.registry import backbone_layer_depths
 from heads.train import Trainer, sync_head_batchnorm
 from tests.extract.cli_helpers import run_cli
 from tests.heads.tail_world import (DATASET, TailWorld, make_tail_world, split_caches,
@@ -175,12 +178,23 @@ def test_training_transform_crops_flips_and_normalises(world: TailWorld) -> None
     assert abs(float(views.mean()) - float(plain.mean())) < 0.5   # same normalisation
 
 
-def test_layer_decay_scales_blocks_from_the_top() -> None:
-    names = ["encoder.model.embeddings.word.weight", "encoder.model.encoder.layer.0.dense.weight",
-             "encoder.model.encoder.layer.2.dense.weight", "encoder.model.layernorm.weight"]
-    assert backbone_layer_depths(names) == {names[0]: 4, names[1]: 3, names[2]: 1, names[3]: 0}
-    tail = ["tail.blocks.4.attn.weight", "tail.blocks.5.attn.weight", "tail.norm.weight"]
-    assert backbone_layer_depths(tail) == {tail[0]: 2, tail[1]: 1, tail[2]: 0}
+def test_layer_decay_depths_follow_the_backbones_parameter_groups() -> None:
+    """timm's layer-decay rule over a backbone's ``group_matcher``: the stem deepest, block i at
+    L - i, what follows the last block (final norm, head conv) at the top; a tail keeps the
+    backbone's block indices, so its blocks keep their depths."""
+    bert = dict(stem=r"^embeddings", blocks=r"^encoder\.layer\.(\d+)")
+    names = ["embeddings.word.weight", "encoder.layer.0.dense.weight",
+             "encoder.layer.2.dense.weight", "pooler.weight"]
+    assert group_depths(bert, names) == {names[0]: 4, names[1]: 3, names[2]: 1, names[3]: 0}
+    tail = Tail({4: nn.Linear(2, 2), 5: nn.Linear(2, 2)}, nn.LayerNorm(2))
+    assert group_depths(tail.group_matcher(), ["blocks.4.weight", "blocks.5.weight",
+                                               "norm.weight"]) \
+        == {"blocks.4.weight": 2, "blocks.5.weight": 1, "norm.weight": 0}
+    resnet = timm.create_model("resnet18", pretrained=False)      # stages layer1..layer4
+    depths = group_depths(group_matcher(resnet, None), [n for n, _ in resnet.named_parameters()])
+    assert depths["conv1.weight"] == depths["bn1.weight"] == 6      # below stage index 0
+    assert depths["layer1.0.conv1.weight"] == 4 and depths["layer4.1.bn2.bias"] == 1
+    assert depths["fc.weight"] == 0
 
 
 def test_e2e_lr_layer_decay_and_frozen_first_epochs(world: TailWorld, tmp_path: Path,
