@@ -17,7 +17,7 @@ import torch
 
 from cache.device import resolve_device
 from cache.errors import InputError
-from cache.store import ImageCache, TextCache
+from cache.store import MODALITIES, ImageCache, TextCache
 from heads.checkpoint import load_checkpoint
 from heads.config import (cache_paths, config_without_file, flatten, load_config,
                           parse_override)
@@ -301,7 +301,7 @@ def run_two_stage(run: EvalRun, request: TwoStageRequest) -> None:
 
 @click.command("export-backbone")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--side", required=True, type=click.Choice(["image", "text"]),
+@click.option("--side", required=True, type=click.Choice(list(MODALITIES)),
               help="The tuned (data.<side>_source: tail or e2e) side whose backbone to write.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder to write (refused if it exists and is not empty, unless --overwrite).")

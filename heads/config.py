@@ -41,7 +41,7 @@ from heads.distributed import GATHER_MODES
 from heads.eval.metrics import PROTOCOLS
 from heads.raw_inputs import CROP_SCALE, WORD_AUGMENT
 from heads.registry import head_options
-from heads.sources import list_sources, source_class
+from heads.sources import EPOCH_UNITS, list_sources, source_class
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {
@@ -116,7 +116,7 @@ OPEN_SECTIONS = ("head", "loss")      # options checked against the head / loss 
 OPEN_MAPPINGS = (("optim", "lr_mult"), ("init", "rename"), ("data", "image_backbone"),
                  ("data", "text_backbone"))
 BACKBONE_KEYS = ("encoder", "weights_id", "weights_hash", "layer")
-EPOCH_OVER = ("auto", "captions", "images")
+EPOCH_OVER = ("auto", *EPOCH_UNITS)
 OPTIMIZERS = ("adamw", "adam")
 TAIL_LR_MULT = 0.1
 """lr multiplier of a tuned side's backbone blocks unless ``optim.lr_mult.<side>_source`` says
@@ -369,7 +369,7 @@ def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
                              f"{out['eval']['protocol']!r}")
     if not all(isinstance(m, int) and not isinstance(m, bool) for m in out["optim"]["milestones"]):
         raise InputError(f"{source}: 'optim.milestones' must be a list of epochs (integers)")
-    for key in ("image", "text"):
+    for key in MODALITIES:
         if not out["data"][key]:
             raise InputError(f"{source}: 'data.{key}' (the {key} cache tag) is not set")
     return out
@@ -409,7 +409,7 @@ def config_without_file(head: str, features: str | Path, dataset: str,
     config = apply_overrides(config, overrides, "--head")
     data = config["data"]
     folder = Path(data["features"]) / data["dataset"] / data.get("train_split", "train")
-    for modality in ("image", "text"):
+    for modality in MODALITIES:
         if data.get(modality):
             continue
         tags = sorted(f.name[len(modality) + 1:-len(".h5")] for f in folder.glob(f"{modality}-*.h5")
