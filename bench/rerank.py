@@ -39,7 +39,8 @@ from cache.store import (CacheAttrs, ImageCache, ImageCacheWriter, TextCache,  #
                          TextCacheWriter)
 from heads.registry import build_head, head_options  # noqa: E402
 from heads.base import FeatureSpec, Head  # noqa: E402
-from heads.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from heads.checkpoint import load_checkpoint  # noqa: E402
+from heads.model import create_model  # noqa: E402
 from heads.eval.evaluate import evaluate, two_stage  # noqa: E402
 from heads.eval.rerank import parse_topk  # noqa: E402
 
@@ -126,9 +127,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.image_cache:
             image, text = ImageCache(args.image_cache), TextCache(args.text_cache)
-            coarse = model_from_checkpoint(load_checkpoint(args.coarse_checkpoint), image, text)
+            coarse = create_model(load_checkpoint(args.coarse_checkpoint), image, text)
             fine = (coarse if args.fine_checkpoint == args.coarse_checkpoint else
-                    model_from_checkpoint(load_checkpoint(args.fine_checkpoint), image, text))
+                    create_model(load_checkpoint(args.fine_checkpoint), image, text))
             source = f"{args.image_cache} + {args.text_cache}"
         else:
             image, text = write_synthetic_split(Path(tmp), args.images, args.captions_per_image,

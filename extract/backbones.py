@@ -209,6 +209,8 @@ def dinov2(weights: str = "facebook/dinov2-base", layer: int = -1, resolution: i
         resolution=resolution,
         layout=TokenLayout(prefix + grid[0] * grid[1], config.hidden_size, prefix, grid),
         transform=ImageTransform((resolution, resolution), "bicubic", IMAGENET_MEAN, IMAGENET_STD),
+        groups=dict(stem=r"^embeddings", blocks=[(r"^encoder\.layer\.(\d+)", None),
+                                                  (r"^layernorm", (99999,))]),
     )
 
 
@@ -230,6 +232,8 @@ def vit(weights: str = "google/vit-base-patch16-224-in21k", layer: int = -1, res
         resolution=resolution,
         layout=TokenLayout(1 + grid[0] * grid[1], config.hidden_size, 1, grid),
         transform=ImageTransform((resolution, resolution), "bilinear", HALF_MEAN, HALF_STD),
+        groups=dict(stem=r"^embeddings", blocks=[(r"^layers\.(\d+)", None),
+                                                  (r"^layernorm", (99999,))]),
     )
 
 
@@ -277,6 +281,8 @@ def swin(
         resolution=resolution,
         layout=TokenLayout(grid[0] * grid[1], int(config.embed_dim * 2 ** (stage - 1)), 0, grid),
         transform=ImageTransform((resolution, resolution), "bicubic", IMAGENET_MEAN, IMAGENET_STD),
+        groups=dict(stem=r"^embeddings", blocks=[(r"^encoder\.layers\.(\d+)", None),
+                                                  (r"^layernorm", (99999,))]),
     )
 
 
@@ -320,7 +326,8 @@ def _bert_encoder(name: str, weights: str, layer: int, max_length: int) -> TextE
     if not 2 <= max_length <= limit:
         raise InputError(f"{name}: max_length must be in 2..{limit}, got {max_length}")
     layer = _check_layer(name, layer, model.config.num_hidden_layers)
-    return TextEncoder(model, tokenizer, name=name, source=source, layer=layer, max_length=max_length)
+    return TextEncoder(model, tokenizer, name=name, source=source, layer=layer, max_length=max_length,
+                       groups=dict(stem=r"^embeddings", blocks=r"^encoder\.layer\.(\d+)"))
 
 
 @register_text_encoder("bert")

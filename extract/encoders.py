@@ -1,10 +1,13 @@
-"""What every backbone wrapper is: the token layout it writes, and the image / text encoder
-interfaces that the extraction runner drives (`extract.backbones` registers the backbones)."""
+"""What every backbone wrapper is: the token layout it writes, the image / text encoder
+interfaces that the extraction runner drives (`extract.backbones` registers the backbones), and
+the parameter groups of its model (timm's ``group_matcher``, for layer-wise lr decay)."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -32,12 +35,51 @@ class TokenLayout:
             raise ValueError(f"inconsistent layout: {self}")
 
 
+GroupMatcher = Mapping[str, Any]
+"""timm's parameter-group matcher: ``{"stem": REGEX, "blocks": REGEX | [(REGEX, None | (N,)),
+...]}``, each REGEX matched at the start of a parameter name; a block REGEX captures the block's
+index, a ``(N,)`` suffix puts what it matches after every block (final norm, head conv)."""
+
+
+def group_matcher(model: nn.Module, declared: GroupMatcher | None) -> GroupMatcher:
+    """The coarse parameter groups (one per block or stage) of a backbone's ``model``: a timm
+    model's own ``group_matcher``, else what its factory ``declared``."""
+    if hasattr(model, "group_matcher"):
+        return model.group_matcher(coarse=True)
+    if declared is None:
+        raise ValueError(f"{type(model).__name__}: no parameter groups declared")
+    return declared
+
+
+def group_depths(matcher: GroupMatcher, names: Sequence[str]) -> dict[str, int]:
+    """timm's ``param_groups_layer_decay`` depths of a backbone's parameter ``names`` under
+    ``matcher``: the stem is layer 0, block i layer i + 1, whatever comes after the last block (a
+    ``(N,)`` suffix, or no group at all: final norm, head) layer L + 1, L the last block index + 1
+    (so a tail, which keeps the backbone's block indices, keeps their depths); a parameter's depth
+    is L + 1 minus its layer."""
+    rules = []
+    for group, spec in matcher.items():
+        for regex, suffix in ([(spec, None)] if isinstance(spec, str) else spec):
+            rules.append((re.compile(regex), group == "stem", suffix is not None))
+    layers: dict[str, int | None] = {}
+    for name in names:
+        layers[name] = None                                     # after the last block
+        for regex, stem, after in rules:
+            found = regex.match(name)
+            if found:
+                layers[name] = 0 if stem else None if after else int(found.group(1)) + 1
+                break
+    top = max((layer for layer in layers.values() if layer), default=0) + 1
+    return {name: 0 if layer is None else top - layer for name, layer in layers.items()}
+
+
 class ImageEncoder(nn.Module):
     """An image backbone wrapped to return tokens ``[B, T, D]``: prefix tokens first, then the grid.
 
     Attributes: ``name``, ``weights_id``, ``weights_hash``, ``weights_note`` (what the weights really
     are, "" if the id says it), ``layer``, ``resolution``, ``layout``, ``transform`` (picklable
-    `ImageTransform`) and ``preprocessing`` (its JSON-able description). ``weights_hash``
+    `ImageTransform`), ``preprocessing`` (its JSON-able description) and ``groups`` (the
+    parameter groups of a model that is not timm's, `group_matcher`). ``weights_hash``
     defaults to the model's `state_dict_hash`; pass it where the weights were hashed as loaded.
     """
 
@@ -52,9 +94,11 @@ class ImageEncoder(nn.Module):
         layout: TokenLayout,
         transform: ImageTransform,
         weights_hash: str | None = None,
+        groups: GroupMatcher | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.groups = groups
         self.name = name
         self.weights_id = source.weights_id
         self.weights_hash = state_dict_hash(model) if weights_hash is None else weights_hash
@@ -64,6 +108,10 @@ class ImageEncoder(nn.Module):
         self.layout = layout
         self.transform = transform
         self.preprocessing = transform.to_dict()
+
+    def group_matcher(self) -> GroupMatcher:
+        """The parameter groups of ``model`` (see `group_matcher`)."""
+        return group_matcher(self.model, self.groups)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Tokens ``[B, T, D]`` of normalised pixels ``[B, 3, resolution, resolution]``."""
@@ -80,12 +128,15 @@ class TextEncoder(nn.Module):
     """A BERT-style text encoder returning the hidden states of ``layer`` for every token.
 
     Attributes: ``name``, ``weights_id``, ``weights_hash``, ``weights_note``, ``layer``, ``dim``,
-    ``max_length``, ``tokenizer`` (the transformers tokenizer stored with the weights).
+    ``max_length``, ``tokenizer`` (the transformers tokenizer stored with the weights), ``groups``
+    (its model's parameter groups, `group_matcher`).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, *, name: str, source: WeightsSource, layer: int, max_length: int):
+    def __init__(self, model: nn.Module, tokenizer, *, name: str, source: WeightsSource, layer: int, max_length: int,
+                 groups: GroupMatcher | None = None):
         super().__init__()
         self.model = model
+        self.groups = groups
         self.tokenizer = tokenizer
         self.name = name
         self.weights_id = source.weights_id
@@ -94,6 +145,10 @@ class TextEncoder(nn.Module):
         self.layer = layer
         self.dim = model.config.hidden_size
         self.max_length = max_length
+
+    def group_matcher(self) -> GroupMatcher:
+        """The parameter groups of ``model`` (see `group_matcher`)."""
+        return group_matcher(self.model, self.groups)
 
     def tokenize(self, captions: Sequence[str]) -> list[list[int]]:
         """Token ids with [CLS] ... [SEP], truncated to ``max_length``."""

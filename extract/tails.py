@@ -40,7 +40,7 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
-from extract.encoders import ImageEncoder, TextEncoder, TokenLayout
+from extract.encoders import GroupMatcher, ImageEncoder, TextEncoder, TokenLayout
 from extract.recorded import recorded_encoder
 from extract.timm_backbones import flatten_grid, token_layout, with_mean_token
 
@@ -70,6 +70,10 @@ class Tail(nn.Module):
         self.mask_config = mask_config
         self.checkpointing = False       # recompute block activations in backward (training)
 
+    def group_matcher(self) -> GroupMatcher:
+        """Its parameter groups: the blocks by their backbone index, then the final norm."""
+        return dict(blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Final states ``[B, T, D]`` from layer-K states ``[B, T, D]`` (``mask``: True = valid)."""
         attention = None
@@ -88,13 +92,14 @@ class StageTail(nn.Module):
 
     ``modules``: ``(backbone name, module)`` in the order ``forward_features`` runs them; each is
     kept under its backbone name (``blocks.5``, ``conv_head``, ``bn2``). ``grid``: the layer-K
-    (H, W); ``layout``: the tokens the tail gives, those of the backbone's last layer. BatchNorm
+    (H, W); ``layout``: the tokens the tail gives, those of the backbone's last layer; ``groups``:
+    the backbone's parameter groups. BatchNorm
     layers stay in eval mode whatever ``train()`` says: running statistics never change, their
     affine weights still train (CNN fine-tuning as the references do it).
     """
 
     def __init__(self, modules: list[tuple[str, nn.Module]], grid: tuple[int, int],
-                 layout: TokenLayout) -> None:
+                 layout: TokenLayout, groups: GroupMatcher) -> None:
         super().__init__()
         for name, module in modules:       # flattened names hold at most one dot: blocks.5
             parent, _, leaf = name.rpartition(".")
@@ -104,7 +109,12 @@ class StageTail(nn.Module):
         self.order = [name for name, _ in modules]
         self.grid = grid
         self.layout = layout
+        self.groups = groups
         self.checkpointing = False       # recompute stage activations in backward (training)
+
+    def group_matcher(self) -> GroupMatcher:
+        """Its parameter groups: the backbone's, whose names its modules keep."""
+        return self.groups
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Final tokens ``[B, layout.num_tokens, layout.dim]`` from layer-K tokens
@@ -234,7 +244,7 @@ def _stage_tail(encoder: Encoder, where: str) -> StageTail:
                          "model's last stage and forward_features adds no weights after it: its "
                          "tail would be empty (extract an earlier --layer)")
     return StageTail(modules, encoder.layout.grid,
-                     token_layout(model, where, -1, encoder.resolution))
+                     token_layout(model, where, -1, encoder.resolution), encoder.group_matcher())
 
 
 def _after_stage(model: nn.Module, layer: int) -> list[tuple[str, nn.Module]] | None:

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic saves, validated loads, rebuilding a head and checking it against caches.
+"""Checkpoints: atomic saves, validated loads, rebuilding a head and checking it against caches
+(`heads.model.create_model` builds a checkpoint's whole model).
 
 A checkpoint is a dict saved with ``torch.save`` holding only tensors, numbers, strings, lists and
 dicts (it loads with ``weights_only=True``): the head (name, options, state), its FeatureSpecs and
@@ -7,14 +8,13 @@ states of every rank, the position (epoch, step), the best dev score and the res
 
 Format 2 adds ``sources``: ``{side: state dict}`` of each tuned token source (``heads.sources``;
 empty when both sides read the cache), beside the head's state under ``model`` (its names
-unchanged). The kind of each side's source is the config's ``data.<side>_source``. Format 1 files
+unchanged). The kind of each side's source is the config's ``data.<side>_source``
+(`heads.sources.source_kinds`). Format 1 files
 (written before token sources existed: every side reads the cache) load as they are.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass
 import random
 from pathlib import Path
 from typing import Any
@@ -24,10 +24,9 @@ import torch
 
 from cache.errors import CacheMismatchError, InputError
 from cache.store import CacheAttrs
-from heads.registry import build_head
 from heads.base import FeatureSpec, Head
-from heads.config import longest_prefix
-from heads.sources import SIDES, RetrievalModel, SourceOptions, TokenSource, build_source
+from heads.registry import build_head
+from heads.sources import TokenSource
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
@@ -111,75 +110,6 @@ def head_from_checkpoint(state: dict[str, Any], image_cache: Any = None,
         raise InputError(f"{source}: the weights do not fit head {state['head_name']!r} "
                          f"({str(exc).splitlines()[0]})") from exc
     return head
-
-
-def source_kinds(state: dict[str, Any]) -> dict[str, str]:
-    """``{side: source kind}`` of a checkpoint's run (``cache`` where its config predates them)."""
-    data = state["config"]["data"]
-    return {side: data.get(f"{side}_source", "cache") for side in SIDES}
-
-
-@dataclass(frozen=True)
-class RecordedCache:
-    """What `model_from_checkpoint` needs of a cache, without rows: the attributes its backbone
-    writes and a ``path`` naming what it stands for in messages (one photo, a query, an index)."""
-
-    attrs: CacheAttrs
-    path: str | Path
-
-
-def model_from_checkpoint(state: dict[str, Any], image_cache: Any, text_cache: Any,
-                          photos: str | Path | None = None) -> RetrievalModel:
-    """The head of a checkpoint behind its token sources, for ``image_cache`` / ``text_cache``
-    (checked against the run's caches): a tail or e2e source is rebuilt from the backbone of its
-    cache (the same weights, by hash) and gets the run's tuned weights. An e2e image side reads
-    the photos from ``photos`` (default: the folder the image cache records). On the CPU."""
-    caches = {"image": image_cache, "text": text_cache}
-    options = dataclasses.replace(SourceOptions.from_config(state["config"]),
-                                  images_root=None if photos is None else str(photos),
-                                  grad_checkpointing=False)
-    sources = {side: build_source(kind, caches[side], options)
-               for side, kind in source_kinds(state).items()}
-    head = head_from_checkpoint(state, image_cache, text_cache, sources)
-    model = RetrievalModel(head, **{f"{side}_source": s for side, s in sources.items()})
-    model.load_tuned_states(state.get("sources", {}), state.get("path", "checkpoint"))
-    return model
-
-
-def _renamed(name: str, rename: dict[str, str]) -> str:
-    """``name`` with its longest matching source prefix replaced (``image_fc`` -> ``vision_proj``)."""
-    prefix = longest_prefix(name, rename)
-    return name if prefix is None else rename[prefix] + name[len(prefix.rstrip(".")):]
-
-
-def warm_start(head: Head, state: dict[str, Any], rename: dict[str, str]) -> list[str]:
-    """Initialise ``head`` from the weights of another run's checkpoint; returns the loaded names.
-
-    Source names are renamed by prefix (``rename``); every tensor whose new name exists in ``head``
-    is loaded and must have the same shape, every prefix in ``rename`` must name source weights,
-    and at least one tensor must load. The caches are checked by the caller."""
-    source = state.get("path", "checkpoint")
-    for prefix in rename:
-        if not any(longest_prefix(name, [prefix]) for name in state["model"]):
-            raise InputError(f"{source}: init.rename names {prefix!r}, but head "
-                             f"{state['head_name']!r} has no such weights "
-                             f"({', '.join(sorted(state['model'])[:8])})")
-    own = head.state_dict()
-    loaded = {}
-    for name, tensor in state["model"].items():
-        target = _renamed(name, rename)
-        if target not in own:
-            continue
-        if own[target].shape != tensor.shape:
-            raise InputError(f"{source}: weight {name!r} has shape {tuple(tensor.shape)} but "
-                             f"{target!r} of head {head.name!r} has {tuple(own[target].shape)} "
-                             "(another embed_dim or cache?)")
-        loaded[target] = tensor
-    if not loaded:
-        raise InputError(f"{source}: no weight of head {state['head_name']!r} matches a weight of "
-                         f"head {head.name!r}; map names with init.rename")
-    head.load_state_dict(loaded, strict=False)
-    return sorted(loaded)
 
 
 def load_pretrained_parts(head: Head) -> list[str]:

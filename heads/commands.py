@@ -17,11 +17,12 @@ import torch
 
 from cache.device import resolve_device
 from cache.errors import InputError
-from cache.store import ImageCache, TextCache
-from heads.checkpoint import load_checkpoint, model_from_checkpoint
+from cache.store import MODALITIES, ImageCache, TextCache
+from heads.checkpoint import load_checkpoint
 from heads.config import (cache_paths, config_without_file, flatten, load_config,
                           parse_override)
-from heads.sources import RetrievalModel
+from heads.eval.metrics import PROTOCOLS
+from heads.model import RetrievalModel, create_model
 
 # ----------------------------------------------------------------------------------- train-head
 
@@ -139,7 +140,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 @click.option("--photos", type=click.Path(file_okay=False),
               help="Folder of the split's photos, for a run whose image side is e2e (default: "
                    "the folder its image cache records).")
-@click.option("--protocol", type=click.Choice(["full", "coco5k", "coco1k"]),
+@click.option("--protocol", type=click.Choice(list(PROTOCOLS)),
               help="Evaluation protocol (default: the checkpoint's eval.protocol).")
 @click.option("--save-sims", type=click.Path(dir_okay=False),
               help="Write the similarity matrices to this .npz file.")
@@ -181,7 +182,7 @@ def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str 
     state = load_checkpoint(checkpoint)
     image_cache, text_cache, split = open_eval_caches(state, split, images, texts)
     torch_device = resolve_device(device)
-    model = model_from_checkpoint(state, image_cache, text_cache, photos).to(torch_device)
+    model = create_model(state, image_cache, text_cache, photos=photos).to(torch_device)
     eval_cfg = state["config"]["eval"]
     run = EvalRun(checkpoint=checkpoint, state=state, model=model, image_cache=image_cache,
                   text_cache=text_cache, split=split, device=torch_device,
@@ -273,8 +274,8 @@ def run_two_stage(run: EvalRun, request: TwoStageRequest) -> None:
 
     coarse = run.model
     if request.coarse_checkpoint is not None:
-        coarse = model_from_checkpoint(load_checkpoint(request.coarse_checkpoint), run.image_cache,
-                                       run.text_cache).to(run.device)
+        coarse = create_model(load_checkpoint(request.coarse_checkpoint), run.image_cache,
+                              run.text_cache).to(run.device)
     result = two_stage(coarse, run.model, run.image_cache, run.text_cache,
                        parse_topk(request.topk), device=run.device, protocol=run.protocol,
                        coarse_mode=request.coarse_mode, fine_mode=request.fine_mode,
@@ -300,7 +301,7 @@ def run_two_stage(run: EvalRun, request: TwoStageRequest) -> None:
 
 @click.command("export-backbone")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--side", required=True, type=click.Choice(["image", "text"]),
+@click.option("--side", required=True, type=click.Choice(list(MODALITIES)),
               help="The tuned (data.<side>_source: tail or e2e) side whose backbone to write.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder to write (refused if it exists and is not empty, unless --overwrite).")

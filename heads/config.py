@@ -15,7 +15,8 @@ is a float accept such strings as numbers.
 Feature caches live at ``<data.features>/<data.dataset>/<split>/<modality>-<tag>.h5`` with the tags
 ``data.image`` / ``data.text``; relative paths are relative to the working directory.
 
-``data.image_source`` / ``data.text_source`` (``heads.sources``): ``cache`` reads the cached tokens;
+``data.image_source`` / ``data.text_source`` name a registered token source (``heads.sources``):
+``cache`` reads the cached tokens;
 ``tail`` runs a layer-K cache through the backbone's blocks after K, ``e2e`` the photos / captions
 through the whole backbone, both trained with the head. A tuned side's parameters are named
 ``<side>_source.*`` in ``optim.lr_mult``; without an entry for that prefix it gets
@@ -33,10 +34,14 @@ from typing import Any, Iterable
 
 import yaml
 
+from cache.datasets import PRELOAD_CHOICES
 from cache.errors import InputError
-from cache.store import default_cache_path
+from cache.store import MODALITIES, default_cache_path
+from heads.distributed import GATHER_MODES
+from heads.eval.metrics import PROTOCOLS
+from heads.raw_inputs import CROP_SCALE, WORD_AUGMENT
 from heads.registry import head_options
-from heads.sources import SIDES, SOURCE_KINDS
+from heads.sources import EPOCH_UNITS, list_sources, source_class
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {
@@ -57,8 +62,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "image_backbone": None,       # a tuned side's backbone {encoder, weights_id, weights_hash,
         "text_backbone": None,        # layer}: filled from the train cache; set keys must match it
         "images_root": None,          # e2e: folder of the photos (None: as recorded in the cache)
-        "crop_scale": [0.6, 1.0],     # e2e: RandomResizedCrop scale range (+ horizontal flip)
-        "text_augment": 0.2,          # e2e: probability of perturbing a caption word (VSE∞)
+        "crop_scale": list(CROP_SCALE),  # e2e: RandomResizedCrop scale range (+ horizontal flip)
+        "text_augment": WORD_AUGMENT,  # e2e: probability of perturbing a caption word (VSE∞)
         "epoch_over": "auto",         # captions | images (one random caption each) | auto: images
                                       # when the image side is e2e (a photo decoded once an epoch)
     },
@@ -102,7 +107,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "log_every": 50,              # steps between progress-bar / log.jsonl loss updates
         "tensorboard": True,          # when the tensorboard package is installed
         "find_unused_parameters": True,  # DDP: heads may leave inference-only parameters unused
-        "ddp_gather": "auto",         # DDP: auto | encodings | inputs (heads.train.gather_mode)
+        "ddp_gather": "auto",         # DDP: auto | encodings | inputs (heads.distributed.gather_mode)
         "sync_batchnorm": True,       # DDP on CUDA: BatchNorm statistics over the global batch
         "grad_checkpointing": False,  # tuned blocks recompute activations in backward (memory)
     },
@@ -111,11 +116,8 @@ OPEN_SECTIONS = ("head", "loss")      # options checked against the head / loss 
 OPEN_MAPPINGS = (("optim", "lr_mult"), ("init", "rename"), ("data", "image_backbone"),
                  ("data", "text_backbone"))
 BACKBONE_KEYS = ("encoder", "weights_id", "weights_hash", "layer")
-EPOCH_OVER = ("auto", "captions", "images")
-PRELOAD = ("none", "ram", "device", "auto")
-PROTOCOLS = ("full", "coco5k", "coco1k")
+EPOCH_OVER = ("auto", *EPOCH_UNITS)
 OPTIMIZERS = ("adamw", "adam")
-DDP_GATHER = ("auto", "encodings", "inputs")
 TAIL_LR_MULT = 0.1
 """lr multiplier of a tuned side's backbone blocks unless ``optim.lr_mult.<side>_source`` says
 otherwise: the references' BERT and ViT multiplier (x0.1 of the head's lr)."""
@@ -326,12 +328,12 @@ def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
                 raise InputError(f"{source}: {section} {out[section]['name']!r} has no option "
                                  f"'{section}.{key}'; it accepts: {', '.join(sorted(known)) or 'none'}")
             out[section][key] = _coerce_option(value, known[key], f"{section}.{key}", source)
-    _check_choice(out, "data", "preload", PRELOAD, source)
-    _check_choice(out, "eval", "protocol", PROTOCOLS, source)
+    _check_choice(out, "data", "preload", PRELOAD_CHOICES, source)
+    _check_choice(out, "eval", "protocol", tuple(PROTOCOLS), source)
     _check_choice(out, "optim", "name", OPTIMIZERS, source)
-    _check_choice(out, "run", "ddp_gather", DDP_GATHER, source)
+    _check_choice(out, "run", "ddp_gather", GATHER_MODES, source)
     _check_choice(out, "data", "epoch_over", EPOCH_OVER, source)
-    for side in SIDES:
+    for side in MODALITIES:
         named = out["data"][f"{side}_backbone"] or {}
         unknown = sorted(set(named) - set(BACKBONE_KEYS))
         if unknown:
@@ -348,9 +350,9 @@ def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
     if not 0.0 < out["optim"]["layer_decay"] <= 1.0:
         raise InputError(f"{source}: 'optim.layer_decay' must be in (0, 1], got "
                          f"{out['optim']['layer_decay']}")
-    for side in SIDES:
-        _check_choice(out, "data", f"{side}_source", SOURCE_KINDS, source)
-        if out["data"][f"{side}_source"] != "cache":
+    for side in MODALITIES:
+        _check_choice(out, "data", f"{side}_source", tuple(list_sources()), source)
+        if source_class(out["data"][f"{side}_source"]).tuned:
             out["optim"]["lr_mult"] = out["optim"]["lr_mult"] or {}
             out["optim"]["lr_mult"].setdefault(f"{side}_source", TAIL_LR_MULT)
     for key in ("image_token_drop", "text_token_drop"):
@@ -372,7 +374,7 @@ def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
                              f"{out['eval']['protocol']!r}")
     if not all(isinstance(m, int) and not isinstance(m, bool) for m in out["optim"]["milestones"]):
         raise InputError(f"{source}: 'optim.milestones' must be a list of epochs (integers)")
-    for key in ("image", "text"):
+    for key in MODALITIES:
         if not out["data"][key]:
             raise InputError(f"{source}: 'data.{key}' (the {key} cache tag) is not set")
     return out
@@ -412,7 +414,7 @@ def config_without_file(head: str, features: str | Path, dataset: str,
     config = apply_overrides(config, overrides, "--head")
     data = config["data"]
     folder = Path(data["features"]) / data["dataset"] / data.get("train_split", "train")
-    for modality in ("image", "text"):
+    for modality in MODALITIES:
         if data.get(modality):
             continue
         tags = sorted(f.name[len(modality) + 1:-len(".h5")] for f in folder.glob(f"{modality}-*.h5")

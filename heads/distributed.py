@@ -23,7 +23,7 @@ from cache.batch import TokenBatch
 from cache.device import resolve_device
 from cache.errors import InputError
 from heads.base import Encoded, Head, Progress
-from heads.sources import RetrievalModel
+from heads.model import RetrievalModel
 
 
 @dataclass(frozen=True)

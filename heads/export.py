@@ -44,8 +44,9 @@ from cache.errors import InputError
 from cache.progress import no_loading_bar_off_a_terminal
 from extract.encoders import ImageEncoder, TextEncoder
 from extract.weights import NOTE_FILE, state_dict_hash
-from heads.checkpoint import load_checkpoint, source_kinds
-from heads.sources import SIDES, BackboneTokens, TailTokens, TokenSource
+from cache.store import MODALITIES
+from heads.checkpoint import load_checkpoint
+from heads.sources import TokenSource, list_sources, source_class, source_kinds
 
 Encoder = ImageEncoder | TextEncoder
 
@@ -68,22 +69,23 @@ def export_backbone(checkpoint: str | Path, side: str, out: str | Path,
     (see the module docstring). InputError naming the file: ``out`` exists and is not empty (without
     ``overwrite``) or is a file, the checkpoint did not tune ``side``, the original weights are
     missing or changed, or the backbone has no export form."""
-    if side not in SIDES:
-        raise InputError(f"unknown side {side!r}; one of {', '.join(SIDES)}")
+    if side not in MODALITIES:
+        raise InputError(f"unknown side {side!r}; one of {', '.join(MODALITIES)}")
     checkpoint, out = Path(checkpoint), Path(out)
     _check_out(out, overwrite)
     state = load_checkpoint(checkpoint)
-    kind = source_kinds(state)[side]
-    if kind not in _TUNED or side not in state.get("sources", {}):
+    kind = source_kinds(state["config"])[side]
+    source_of = source_class(kind)
+    if source_of.export_note is None or side not in state.get("sources", {}):
         tuned = sorted(state.get("sources", {})) or "none"
+        exportable = [k for k in list_sources() if source_class(k).export_note is not None]
         raise InputError(f"{checkpoint}: the {side} side of this run was not tuned "
-                         f"(data.{side}_source is {kind!r}; tuned sides: {tuned}); only a tail "
-                         "or e2e side has a backbone to export")
+                         f"(data.{side}_source is {kind!r}; tuned sides: {tuned}); only a "
+                         f"{' or '.join(exportable)} side has a backbone to export")
     features = state["features"][side]
-    source_of, what = _TUNED[kind]
-    encoder = _original_encoder(checkpoint, side, features, kind)
+    encoder = _original_encoder(checkpoint, side, features, source_of.export_layer(features))
     _refuse_replacing(out, [checkpoint, Path(encoder.weights_id)])
-    tuned = _load_tuned(checkpoint, side, source_of(encoder, str(checkpoint)),
+    tuned = _load_tuned(checkpoint, side, source_of.for_export(encoder, str(checkpoint)),
                         encoder, state["sources"][side])
     write = _writer(checkpoint, side, encoder)
     form = "timm" if write is _write_timm else features["encoder"]
@@ -92,7 +94,7 @@ def export_backbone(checkpoint: str | Path, side: str, out: str | Path,
     extract = f"{option} {out}" + ("" if side == "text" else
                                     f" --resolution {features['resolution']}")
     original = encoder.weights_id + (f" ({encoder.weights_note})" if encoder.weights_note else "")
-    description = (f"tuned by {checkpoint.resolve()}, {what.format(**features)}, "
+    description = (f"tuned by {checkpoint.resolve()}, {source_of.export_note.format(**features)}, "
                    f"epoch {state['epoch']}; from weights {original}")
     note = {
         "description": description,
@@ -123,29 +125,14 @@ def export_backbone(checkpoint: str | Path, side: str, out: str | Path,
 # ------------------------------------------------------------------------------------- the model
 
 
-def _tail_source(encoder: Encoder, where: str) -> TokenSource:
-    from extract.tails import tail_of
-
-    return TailTokens(tail_of(encoder, where))
-
-
-_TUNED: dict[str, tuple[Callable[[Encoder, str], TokenSource], str]] = {
-    "tail": (_tail_source, "tail from layer {layer}"),
-    "e2e": (lambda encoder, where: BackboneTokens(encoder), "whole backbone (e2e)"),
-}
-"""Per source kind: the source a run's tuned state loads into (made of the encoder's modules), and
-how the provenance note says what was tuned."""
-
-
 def _original_encoder(checkpoint: Path, side: str, features: dict[str, Any],
-                      kind: str) -> Encoder:
-    """The run's backbone with its original weights, loaded as ``cli extract`` loads it, at the
-    run's layer K (a tail) or its last layer (e2e); InputError naming the checkpoint and the
+                      layer: int) -> Encoder:
+    """The run's backbone with its original weights, loaded as ``cli extract`` loads it, at
+    ``layer`` (a tail: the run's layer K; e2e: the last); InputError naming the checkpoint and the
     weights when they are missing or no longer hash to the run's ``weights_hash``."""
     from extract.backbones import create_image_encoder, create_text_encoder
 
     name, weights = features["encoder"], features["weights_id"]
-    layer = features["layer"] if kind == "tail" else -1
     try:
         if side == "image":
             # timm resizes a ViT's position embeddings to a resolution other than its own, and the

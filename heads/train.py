@@ -38,14 +38,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import random
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -55,16 +52,16 @@ from cache.datasets import EpochBatches, PairBatches, check_pairing, pair_loader
 from cache.errors import InputError
 from cache.progress import progress_bar
 from cache.store import ImageCache, TextCache
-from heads.registry import build_head
-from heads.base import FeatureSpec, Progress
+from cache.store import MODALITIES
+from heads.base import Progress
 from heads.checkpoint import (FORMAT_VERSION, check_features, feature_identity, load_checkpoint,
-                              load_pretrained_parts, rng_state, save_checkpoint,
-                              set_rng_state, warm_start)
+                              load_pretrained_parts, rng_state, save_checkpoint, set_rng_state)
 from heads.config import BACKBONE_KEYS, cache_paths, longest_prefix, save_config
 from heads.distributed import Dist, LossModule, gather_mode, init_distributed
 from heads.losses import build_loss
-from heads.sources import (SIDES, RetrievalModel, Retriever, SourceOptions, TokenSource,
-                           build_source)
+from heads.model import RetrievalModel, Retriever, create_model
+from heads.sources import source_class
+from heads.warm_start import warm_start
 
 LAST, BEST, LOG, CONFIG = "last.pt", "best.pt", "log.jsonl", "config.yaml"
 RESUME_ONLY = ("optimizer", "scheduler", "rng")
@@ -79,33 +76,13 @@ class NonFiniteLossError(RuntimeError):
 # ------------------------------------------------------------------------------------- optimiser
 
 
-_BLOCK = re.compile(r"(?:^|\.)(?:layer|blocks)\.(\d+)\.")
-_STEM = re.compile(r"(?:^|\.)(?:embeddings|patch_embed|cls_token|pos_embed|reg_token|conv_stem|"
-                   r"bn1)(?:\.|$)")
-
-
-def layer_scales(names: list[str], decay: float) -> dict[str, float]:
-    """Layer-wise lr decay over one tuned backbone's parameter names (timm's
-    ``param_groups_layer_decay`` rule, on transformers and timm names alike): block ``i``
-    (``layer.<i>.`` / ``blocks.<i>.``) is layer i + 1, the stem (embeddings, patch embedding,
-    CLS / position tokens, a CNN's first conv) layer 0, anything after the last block (final
-    norm, head conv) layer L + 1, L the number of blocks (the last index + 1: a tail keeps the
-    backbone's indices); the scale of layer l is ``decay ** (L + 1 - l)``."""
-    blocks = {name: int(m.group(1)) for name in names if (m := _BLOCK.search(name))}
-    top = max(blocks.values(), default=-1) + 2
-    scales = {}
-    for name in names:
-        layer = blocks[name] + 1 if name in blocks else 0 if _STEM.search(name) else top
-        scales[name] = decay ** (top - layer)
-    return scales
-
-
 def param_groups(model: RetrievalModel, criterion: nn.Module, lr: float, weight_decay: float,
                  lr_mult: dict[str, float], layer_decay: float = 1.0) -> list[dict[str, Any]]:
     """Parameter groups: the lr of a parameter is ``lr`` times the multiplier of the longest
     ``lr_mult`` prefix of its name (head parameters by name, a tuned source's as
-    ``image_source.<name>`` / ``text_source.<name>``, the loss's as ``loss.<name>``), times its
-    `layer_scales` factor in a tuned source when ``layer_decay`` < 1; loss parameters (a
+    ``image_source.<name>`` / ``text_source.<name>``, the loss's as ``loss.<name>``), times
+    ``layer_decay ** depth`` in a tuned source when ``layer_decay`` < 1, the depth below its
+    backbone's top as the source declares it (``layer_depths``); loss parameters (a
     temperature) get no weight decay. A prefix that matches nothing is an error."""
     named = [(n, p, weight_decay) for n, p in model.named_trainable()]
     named += [(f"loss.{n}", p, 0.0) for n, p in criterion.named_parameters() if p.requires_grad]
@@ -113,8 +90,9 @@ def param_groups(model: RetrievalModel, criterion: nn.Module, lr: float, weight_
     if layer_decay < 1.0:
         for side in model.tuned_sides():
             prefix = f"{side}_source."
-            scales.update(layer_scales([n for n, _, _ in named if n.startswith(prefix)],
-                                       layer_decay))
+            names = [n[len(prefix):] for n, _, _ in named if n.startswith(prefix)]
+            depths = model.sources()[side].layer_depths(names)
+            scales.update({prefix + n: layer_decay ** d for n, d in depths.items()})
     used: set[str] = set()
     groups: dict[tuple[float, float], dict[str, Any]] = {}
     for name, param, decay in named:
@@ -241,7 +219,8 @@ class Trainer:
 
     def __init__(self, config: dict[str, Any], out_dir: str | Path, resume: bool = False,
                  show_progress: bool = True) -> None:
-        self.config, self.out_dir, self.show_progress = config, Path(out_dir), show_progress
+        self.config = config
+        self.out_dir, self.show_progress = Path(out_dir), show_progress
         self.dist = init_distributed(config["run"]["device"])
         if config["run"]["threads"] > 0:
             torch.set_num_threads(config["run"]["threads"])
@@ -251,9 +230,7 @@ class Trainer:
                              "continue it or choose another --out")
         state = load_checkpoint(last) if resume else None
         self._open_caches(state)
-        sources = self._build_sources()
-        _seed_everything(config["run"]["seed"])
-        self._build_model(sources)
+        self._build_model()
         self._build_data()
         self.epoch, self.step, self.best_rsum, self.best_epoch = 0, 0, -math.inf, -1
         if self.dist.rank > 0:
@@ -287,32 +264,25 @@ class Trainer:
             if state is not None:
                 check_features(state["features"][side], train_cache,
                                f"the checkpoint {self.out_dir / LAST}")
-            if data[f"{side}_source"] != "cache":
+            if source_class(data[f"{side}_source"]).tuned:
                 data[f"{side}_backbone"] = _named_backbone(data[f"{side}_backbone"],
                                                            train_cache, side)
 
-    def _build_sources(self) -> dict[str, TokenSource]:
-        """Each side's token source, built for its train cache (a tail or e2e side loads its
-        backbone), checked to find what it reads in the train and dev splits."""
-        data, options = self.config["data"], SourceOptions.from_config(self.config)
-        sources = {}
-        for side, train, dev in (("image", self.train_images, self.dev_images),
-                                 ("text", self.train_texts, self.dev_texts)):
-            source = build_source(data[f"{side}_source"], train, options)
-            for cache in (train, dev):
-                source.check_inputs(cache)
-            sources[f"{side}_source"] = source
-        return sources
-
-    def _build_model(self, sources: dict[str, TokenSource]) -> None:
-        """Head (checked against the caches' FeatureSpecs) behind the sources, loss, optimiser
-        groups."""
-        config, optim = self.config, self.config["optim"]
+    def _build_model(self) -> None:
+        """The run's model (`heads.model.create_model`: each side's source built for its train
+        cache, a tail or e2e side loading its backbone, then the head for the sources' specs,
+        seeded by ``run.seed``), the sources checked to find what they read in the train and dev
+        splits; loss and optimiser groups."""
+        config = self.config
+        optim = config["optim"]
         self.head_options = {k: v for k, v in config["head"].items() if k != "name"}
-        specs = [sources[f"{side}_source"].output_spec(FeatureSpec.from_cache(cache))
-                 for side, cache in zip(SIDES, (self.train_images, self.train_texts))]
-        self.head = build_head(config["head"]["name"], *specs, **self.head_options)
-        self.model = RetrievalModel(self.head, **sources)
+        self.model = create_model(config, self.train_images, self.train_texts,
+                                  seed=config["run"]["seed"])
+        for source, caches in ((self.model.image_source, (self.train_images, self.dev_images)),
+                               (self.model.text_source, (self.train_texts, self.dev_texts))):
+            for cache in caches:
+                source.check_inputs(cache)
+        self.head = self.model.head
         self.criterion = build_loss(config["loss"]["name"],
                                     **{k: v for k, v in config["loss"].items() if k != "name"})
         self.model.to(self.dist.device)
@@ -325,18 +295,19 @@ class Trainer:
     def _build_data(self) -> None:
         """Pair dataset (token drop, preload), per-rank sampler, loader and the lr schedule."""
         data, optim, seed = self.config["data"], self.config["optim"], self.config["run"]["seed"]
-        drop = {side: data[f"{side}_token_drop"] for side in SIDES}
+        drop = {side: data[f"{side}_token_drop"] for side in MODALITIES}
         if drop["image"] > 0 and self.head.requires_grid:
             _note(f"note: head {self.head.name!r} needs the full patch grid; image token drop "
                   f"{drop['image']} is turned off", self.dist)
             drop["image"] = 0.0
-        for side in self.model.tuned_sides():
-            if drop[side] > 0:
+        for side, source in self.model.sources().items():
+            if drop[side] > 0 and not source.token_drop:
                 _note(f"note: the {side} side tunes its backbone on all of its tokens; {side} "
                       f"token drop {drop[side]} is turned off", self.dist)
                 drop[side] = 0.0
         readers = {side: source.training_reader(cache, seed) for side, source, cache in
-                   zip(SIDES, self.model.sources().values(), (self.train_images, self.train_texts))}
+                   zip(MODALITIES, self.model.sources().values(),
+                       (self.train_images, self.train_texts))}
         if any(reader is not None for reader in readers.values()):
             preload = "none"        # an e2e side reads photos / word pieces, not cached tokens
         else:
@@ -348,7 +319,7 @@ class Trainer:
                                    preload=preload, device=self.dist.device,
                                    float32=self.dist.device.type == "cpu", readers=readers)
         over_images = data["epoch_over"] == "images" or (
-            data["epoch_over"] == "auto" and data["image_source"] == "e2e")
+            data["epoch_over"] == "auto" and self.model.image_source.epoch_unit == "images")
         self.sampler = EpochBatches(len(self.train_texts), optim["batch_size"], seed,
                                     self.dist.rank, self.dist.world_size,
                                     self.dataset.image_index if over_images else None)
@@ -569,12 +540,6 @@ def _named_backbone(named: dict[str, Any] | None, cache: ImageCache | TextCache,
         raise InputError(f"{cache.path}: not the {side} backbone data.{side}_backbone names "
                          f"({'; '.join(wrong)})")
     return actual
-
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 def train(config: dict[str, Any], out_dir: str | Path, resume: bool = False,

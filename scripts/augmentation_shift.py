@@ -30,9 +30,10 @@ from cache.batch import InputBatch  # noqa: E402
 from cache.datasets import PairBatches, caption_batches  # noqa: E402
 from cache.store import ImageCache, TextCache  # noqa: E402
 from heads.base import Progress  # noqa: E402
-from heads.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from heads.checkpoint import load_checkpoint  # noqa: E402
 from heads.losses import build_loss  # noqa: E402
-from heads.sources import BackboneTokens, RetrievalModel, build_source  # noqa: E402
+from heads.model import RetrievalModel, create_model  # noqa: E402
+from heads.sources import BackboneTokens, build_source  # noqa: E402
 from heads.train import open_split  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def main() -> None:
     state = load_checkpoint(args.checkpoint)
     config = state["config"]
     images, texts = open_split(config, config["data"]["train_split"])
-    cached_model = model_from_checkpoint(state, images, texts).eval()
+    cached_model = create_model(state, images, texts).eval()
     loss = build_loss(config["loss"]["name"],
                       **{k: v for k, v in config["loss"].items() if k != "name"})
     loss.load_state_dict(state["criterion"])

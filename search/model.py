@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from cache.errors import InputError
-from cache.store import CacheAttrs
 from extract.encoders import ImageEncoder, TextEncoder
 from extract.recorded import recorded_encoder
-from heads.checkpoint import RecordedCache, model_from_checkpoint
+from heads.model import RetrievalModel, create_model, recorded_cache
 from heads.registry import head_class, list_heads
-from heads.sources import RetrievalModel
 
 
 def _branches(head_name: str, kind: str) -> list[str | None]:
@@ -88,23 +86,11 @@ def text_encoder(features: dict[str, Any], where: str) -> TextEncoder:
         return recorded_encoder("text", features, where)
 
 
-def text_side(state: dict[str, Any]) -> RecordedCache:
-    """The text stand-in of a run, from its recorded text features and text spec."""
-    features, spec = state["features"]["text"], state["text_spec"]
-    grid = features.get("grid")
-    attrs = CacheAttrs(
-        modality="text", encoder=features["encoder"], weights_id=features["weights_id"],
-        weights_hash=features["weights_hash"], dim=features["dim"], num_items=0,
-        layer=features["layer"], num_tokens=spec.get("num_tokens", 0),
-        prefix_tokens=features["prefix_tokens"], suffix_tokens=features["suffix_tokens"],
-        grid=tuple(grid) if grid is not None else None, resolution=features.get("resolution"),
-        preprocessing=features.get("preprocessing", {}))
-    return RecordedCache(attrs, Path(spec.get("source") or state["path"]))
-
-
 def load_model(state: dict[str, Any], image_cache: Any, mode: str | None) -> RetrievalModel:
     """The run's head behind its token sources for ``image_cache`` (checked against the run's
     image features), in eval mode with branch ``mode``."""
+    text_cache = recorded_cache(state, "text",
+                                Path(state["text_spec"].get("source") or state["path"]))
     with quiet_transformers():                     # an e2e run rebuilds its backbones
-        model = model_from_checkpoint(state, image_cache, text_side(state))
+        model = create_model(state, image_cache, text_cache)
     return model.set_mode(mode).eval()

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache.batch import IdsBatch, InputBatch, PixelBatch, as_cached
+from cache.batch import IdsBatch, PixelBatch
 from cache.errors import CacheMismatchError, InputError
 from cache.store import ImageCache
 from extract.datasets import load_rgb
@@ -33,7 +33,7 @@ from extract.encoders import ImageEncoder, TextEncoder
 from heads.base import Encoded
 from heads.checkpoint import load_checkpoint
 from heads.eval.scoring import encode_cache, inference, similarity_matrix
-from heads.sources import RetrievalModel
+from heads.model import RetrievalModel
 from search import ann
 from search.folder import printable
 from search.index import MANIFEST, read_manifest
@@ -89,14 +89,10 @@ def encode_text(model: RetrievalModel, encoder: TextEncoder, text: str,
         notes.append(f"the query is {length} tokens, longer than the {encoder.max_length} of the "
                      f"text encoder {encoder.name}; only the first {encoder.max_length} are used")
     input_ids, mask = encoder.pad_batch(encoder.tokenize([text]))
-    if model.text_source.reads == "ids":          # an e2e side: its tuned backbone reads ids
-        batch: InputBatch = IdsBatch(input_ids, mask.bool())
-    else:
-        encoder.to(device)
-        with torch.inference_mode():
-            batch = as_cached(encoder(input_ids.to(device), mask.to(device)).cpu())
+    raw = IdsBatch(input_ids, mask.bool()).to(device)
+    batch = model.text_source.encode_raw(raw, encoder)
     with inference(model.to(device), device):
-        return model.encode_texts(batch.to(device)), notes
+        return model.encode_texts(batch), notes
 
 
 class Index:
@@ -218,14 +214,10 @@ class Index:
         """The ``k`` photos most similar to the photo at ``path`` (InputError if it does not
         decode)."""
         encoder = self.image_encoder.to(self.device)
-        pixels = encoder.transform(load_rgb(path)).unsqueeze(0).to(self.device)
-        if self.model.image_source.reads == "pixels":   # an e2e side: its tuned backbone
-            batch: InputBatch = PixelBatch(pixels)
-        else:
-            with torch.inference_mode():
-                batch = as_cached(encoder(pixels).cpu())
+        raw = PixelBatch(encoder.transform(load_rgb(path)).unsqueeze(0).to(self.device))
+        batch = self.model.image_source.encode_raw(raw, encoder)
         with inference(self.model.to(self.device), self.device):
-            encoded = self.model.encode_images(batch.to(self.device))
+            encoded = self.model.encode_images(batch)
         return Results(str(path), self.search(encoded["emb"], k))
 
     def rerank(self, results: Results, fine: str | Path, top: int) -> Results:

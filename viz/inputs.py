@@ -1,26 +1,23 @@
 """What ``cli explain`` feeds a head: one image and one caption through the backbones a checkpoint
 was trained on (its recorded features), and the checkpoint's model built for them.
 
-``model_from_checkpoint`` wants cache readers; a `heads.checkpoint.RecordedCache` stands in for
-them with the attributes those backbones would write (``extract.runner.image_attrs`` /
-``text_attrs``), so the checkpoint's own check compares them with the caches the run was trained
-on."""
+``heads.model.create_model`` wants caches; `heads.model.recorded_cache` stands in for them with
+the attributes the run's backbones wrote, and each side's token source makes its input of the
+photo and the caption (``encode_raw``: the recorded backbone's tokens, or the photo / word pieces
+a tuned backbone reads)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
 
-from cache.batch import IdsBatch, InputBatch, PixelBatch, as_cached
+from cache.batch import IdsBatch, InputBatch, PixelBatch
 from cache.errors import InputError
 from extract.recorded import recorded_encoder
-from extract.datasets import SplitIndex, load_rgb
-from extract.runner import image_attrs, text_attrs
-from heads.checkpoint import RecordedCache, load_checkpoint, model_from_checkpoint
-from heads.sources import RetrievalModel
+from extract.datasets import load_rgb
+from heads.checkpoint import load_checkpoint
+from heads.model import RetrievalModel, create_model, recorded_cache
 from viz.overlay import as_seen
 
 
@@ -56,26 +53,16 @@ def load_pair(checkpoint: str | Path, image_path: str | Path, caption: str,
     text_encoder = recorded_encoder("text", text_features, checkpoint)
 
     image_path = Path(image_path)
-    index = SplitIndex(dataset="explain", split="explain", image_ids=[image_path.name],
-                       image_paths=[image_path.name], captions=[caption],
-                       caption_image_index=np.zeros(1, np.int64), images_root=image_path.parent)
-    image_cache = RecordedCache(image_attrs(image_encoder, index),
-                                f"{image_path} ({image_encoder.name})")
-    text_cache = RecordedCache(text_attrs(text_encoder, index), f"the caption ({text_encoder.name})")
-    model = model_from_checkpoint(state, image_cache, text_cache)
+    image_cache = recorded_cache(state, "image", f"{image_path} ({image_encoder.name})")
+    text_cache = recorded_cache(state, "text", f"the caption ({text_encoder.name})")
+    model = create_model(state, image_cache, text_cache)
     model.set_mode(mode).eval()
 
     ids = text_encoder.tokenize([caption])
     input_ids, attention = text_encoder.pad_batch(ids)
     pixels = image_encoder.transform(image).unsqueeze(0)
-    image_input: InputBatch = PixelBatch(pixels)       # what an e2e side's tuned backbone reads
-    text_input: InputBatch = IdsBatch(input_ids, attention.bool())
-    with torch.no_grad():
-        if model.image_source.reads == "tokens":
-            tokens = image_encoder(pixels)
-            image_input = as_cached(tokens)
-        if model.text_source.reads == "tokens":
-            text_input = as_cached(text_encoder(input_ids, attention), attention)
+    image_input = model.image_source.encode_raw(PixelBatch(pixels), image_encoder)
+    text_input = model.text_source.encode_raw(IdsBatch(input_ids, attention.bool()), text_encoder)
     return Pair(model=model, image=image_input, text=text_input,
                 words=text_encoder.tokenizer.convert_ids_to_tokens(ids[0]),
                 seen=as_seen(image, image_encoder.preprocessing), caption=caption,

@@ -21,7 +21,7 @@ from cache.datasets import check_pairing
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from heads.base import Encoded, index_encoded, num_items
-from heads.sources import Retriever
+from heads.model import Retriever
 from heads.eval.metrics import (Subset, fold_indices, local_caption_image, mean_metrics,
                            protocol_subsets, recall_metrics)
 from heads.eval.rerank import FineScorer, rerank

@@ -23,7 +23,7 @@ from cache.errors import InputError
 from cache.progress import progress_bar
 from cache.store import ImageCache, TextCache
 from heads.base import Encoded, cat_encoded, index_encoded, map_encoded, num_items
-from heads.sources import Retriever, input_batches
+from heads.model import Retriever, input_batches
 
 DEFAULT_IMAGE_BLOCK = 1000
 DEFAULT_CAPTION_BLOCK = 16
@@ -68,9 +68,9 @@ def encode_cache(head: Retriever, cache: ImageCache | TextCache, device: torch.d
     order); the result stays on ``device``, in float32.
 
     The fp16 cached tokens are moved to the device as stored and cast to float32 there; the head
-    (for a ``heads.sources.RetrievalModel``: its token source, e.g. a tuned tail, then its head)
+    (for a ``heads.model.RetrievalModel``: its token source, e.g. a tuned tail, then its head)
     runs under bf16 autocast when ``amp`` (default: on CUDA). An end-to-end side reads the split's
-    photos or captions instead (``heads.sources.input_batches``).
+    photos or captions instead (``heads.model.input_batches``).
     """
     device = torch.device(device)
     amp = default_amp(device) if amp is None else amp

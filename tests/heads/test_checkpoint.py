@@ -11,12 +11,14 @@ import torch
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from heads.base import FeatureSpec
-from heads.checkpoint import FORMAT_VERSION, load_checkpoint, model_from_checkpoint, warm_start
+from heads.checkpoint import FORMAT_VERSION, load_checkpoint
 from heads.config import load_config
 from heads.eval.evaluate import evaluate
+from heads.model import create_model
 from heads.models.linear import LinearHead
 from heads.sources import CachedTokens
 from heads.train import train
+from heads.warm_start import warm_start
 from tests.heads.synthetic_caches import IMAGE_TAG, TEXT_TAG, config_overrides, write_dataset
 
 IMAGE = FeatureSpec("image", 12, prefix_tokens=1)
@@ -84,10 +86,10 @@ def test_a_format_1_checkpoint_still_evaluates_and_resumes(tmp_path: Path) -> No
     assert old["format"] == 1 and "sources" not in old and new["format"] == FORMAT_VERSION == 2
     test = [ImageCache(features / "syn" / "test" / f"image-{IMAGE_TAG}.h5"),
             TextCache(features / "syn" / "test" / f"text-{TEXT_TAG}.h5")]
-    model = model_from_checkpoint(old, *test)
+    model = create_model(old, *test)
     assert isinstance(model.image_source, CachedTokens) and model.tuned_states() == {}
     assert (evaluate(model, *test)["metrics"]
-            == evaluate(model_from_checkpoint(new, *test), *test)["metrics"])
+            == evaluate(create_model(new, *test), *test)["metrics"])
     resumed = []
     for run in ("old", "new"):
         config = load_config(None, ["optim.epochs=2"],

@@ -26,7 +26,8 @@ from heads.config import load_config
 from heads.losses import build_loss
 from heads.distributed import LossModule
 from extract.tails import Tail
-from heads.sources import RetrievalModel, TailTokens, TokenSource
+from heads.model import RetrievalModel
+from heads.sources import TailTokens, TokenSource
 from heads.train import train
 from tests.heads.synthetic_caches import config_overrides, write_dataset
 from tests.heads.tail_world import TailWorld, make_tail_world, tail_overrides

@@ -9,16 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
+from torch import nn
 
 from cache.batch import IdsBatch, PixelBatch
 from cache.store import ImageCache, TextCache
-from heads.checkpoint import load_checkpoint, model_from_checkpoint
+from extract.encoders import group_depths, group_matcher
+from extract.tails import Tail
+from heads.checkpoint import load_checkpoint
 from heads.config import load_config
 from heads.eval.evaluate import evaluate
+from heads.model import RetrievalModel, create_model
 from heads.raw_inputs import CaptionIds, WordPieceAugment, training_transform
-from heads.sources import BackboneTokens, RetrievalModel, SourceOptions, build_source
-from heads.train import Trainer, layer_scales, sync_head_batchnorm
+from heads.sources import BackboneTokens, SourceOptions, build_source
+from heads.train import Trainer, sync_head_batchnorm
 from tests.extract.cli_helpers import run_cli
 from tests.heads.tail_world import (DATASET, TailWorld, make_tail_world, split_caches,
                                     tail_overrides, train_cli, assert_refused)
@@ -82,7 +87,7 @@ def test_an_e2e_run_tunes_whole_backbones_and_eval_reads_the_photos(world: TailW
     assert code == 0, output
     report = json.loads((run / "eval-test.json").read_text())
     images, texts = _caches(world, "test")
-    assert evaluate(model_from_checkpoint(state, images, texts), images, texts)["metrics"] \
+    assert evaluate(create_model(state, images, texts), images, texts)["metrics"] \
         == report["metrics"]
 
     moved = Path(shutil.copytree(world.data / "images", tmp_path / "moved"))
@@ -173,13 +178,23 @@ def test_training_transform_crops_flips_and_normalises(world: TailWorld) -> None
     assert abs(float(views.mean()) - float(plain.mean())) < 0.5   # same normalisation
 
 
-def test_layer_decay_scales_blocks_from_the_top() -> None:
-    names = ["encoder.model.embeddings.word.weight", "encoder.model.encoder.layer.0.dense.weight",
-             "encoder.model.encoder.layer.2.dense.weight", "encoder.model.layernorm.weight"]
-    assert layer_scales(names, 0.5) == {names[0]: 0.5 ** 4, names[1]: 0.5 ** 3,
-                                        names[2]: 0.5, names[3]: 1.0}
-    tail = ["tail.blocks.4.attn.weight", "tail.blocks.5.attn.weight", "tail.norm.weight"]
-    assert layer_scales(tail, 0.5) == {tail[0]: 0.25, tail[1]: 0.5, tail[2]: 1.0}
+def test_layer_decay_depths_follow_the_backbones_parameter_groups() -> None:
+    """timm's layer-decay rule over a backbone's ``group_matcher``: the stem deepest, block i at
+    L - i, what follows the last block (final norm, head conv) at the top; a tail keeps the
+    backbone's block indices, so its blocks keep their depths."""
+    bert = dict(stem=r"^embeddings", blocks=r"^encoder\.layer\.(\d+)")
+    names = ["embeddings.word.weight", "encoder.layer.0.dense.weight",
+             "encoder.layer.2.dense.weight", "pooler.weight"]
+    assert group_depths(bert, names) == {names[0]: 4, names[1]: 3, names[2]: 1, names[3]: 0}
+    tail = Tail({4: nn.Linear(2, 2), 5: nn.Linear(2, 2)}, nn.LayerNorm(2))
+    assert group_depths(tail.group_matcher(), ["blocks.4.weight", "blocks.5.weight",
+                                               "norm.weight"]) \
+        == {"blocks.4.weight": 2, "blocks.5.weight": 1, "norm.weight": 0}
+    resnet = timm.create_model("resnet18", pretrained=False)      # stages layer1..layer4
+    depths = group_depths(group_matcher(resnet, None), [n for n, _ in resnet.named_parameters()])
+    assert depths["conv1.weight"] == depths["bn1.weight"] == 6      # below stage index 0
+    assert depths["layer1.0.conv1.weight"] == 4 and depths["layer4.1.bn2.bias"] == 1
+    assert depths["fc.weight"] == 0
 
 
 def test_e2e_lr_layer_decay_and_frozen_first_epochs(world: TailWorld, tmp_path: Path,

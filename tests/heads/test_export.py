@@ -24,7 +24,8 @@ from cache.batch import TokenBatch
 from cache.datasets import token_batches
 from cache.store import ImageCache, TextCache
 from extract.backbones import create_image_encoder, create_text_encoder
-from heads.checkpoint import load_checkpoint, model_from_checkpoint
+from heads.checkpoint import load_checkpoint
+from heads.model import create_model
 from heads.config import load_config
 from heads.train import train
 from tests.extract.cli_helpers import run_cli
@@ -65,7 +66,7 @@ def _rows(cache: ImageCache | TextCache) -> tuple[torch.Tensor, torch.Tensor]:
 def _tail_rows(state: dict, side: str, images: ImageCache, texts: TextCache
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """What the run's tuned ``side`` tail gives on every row of its layer-K cache."""
-    model = model_from_checkpoint(state, images, texts).eval()
+    model = create_model(state, images, texts).eval()
     tokens, mask = _rows(images if side == "image" else texts)
     with torch.no_grad():
         out = model.sources()[side](TokenBatch(tokens, mask))

@@ -13,10 +13,11 @@ import torch
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from extract.tails import tail_from_cache
-from heads.checkpoint import load_checkpoint, model_from_checkpoint
+from heads.checkpoint import load_checkpoint
 from heads.config import load_config
 from heads.eval.evaluate import evaluate
-from heads.sources import CachedTokens, RetrievalModel, TailTokens, build_source
+from heads.model import RetrievalModel, create_model
+from heads.sources import CachedTokens, TailTokens, build_source
 from heads.train import Trainer, evaluate_split, train
 from tests.extract.cli_helpers import run_cli
 from tests.heads.synthetic_caches import config_overrides, write_dataset
@@ -58,7 +59,7 @@ def test_a_tail_run_tunes_its_blocks_and_eval_encodes_through_them(world: TailWo
     assert code == 0, output
     report = json.loads((run / "eval-test.json").read_text())
     images, texts = split_caches(world, "test")
-    model = model_from_checkpoint(state, images, texts)
+    model = create_model(state, images, texts)
     again = evaluate(model, images, texts, save_sims=tmp_path / "again.npz")
     assert again["metrics"] == report["metrics"]
     tuned_sims = np.load(tmp_path / "tuned.npz")["sims_0"]
@@ -70,7 +71,7 @@ def test_a_tail_run_tunes_its_blocks_and_eval_encodes_through_them(world: TailWo
 
     # the checkpoint's model scores the dev split exactly as the trainer did at that epoch
     dev_images, dev_texts = split_caches(world, "dev")
-    dev = evaluate_split(model_from_checkpoint(state, dev_images, dev_texts), dev_images,
+    dev = evaluate_split(create_model(state, dev_images, dev_texts), dev_images,
                          dev_texts, state["config"]["eval"], torch.device("cpu"))
     assert dev["metrics"] == state["dev"]
 
@@ -157,7 +158,7 @@ def test_a_tail_checkpoint_needs_its_tuned_weights_and_backbone(world: TailWorld
     without = {**state, "sources": {}}
     with pytest.raises(InputError, match=r"best\.pt: holds tuned source weights of no side, this "
                                          r"model tunes \['text'\]"):
-        model_from_checkpoint(without, *split_caches(own, "test"))
+        create_model(without, *split_caches(own, "test"))
     for path in own.models["bert"].iterdir():
         path.unlink()
     code, message = run_cli("eval", "--checkpoint", run / "best.pt", "--device", "cpu")
@@ -214,7 +215,7 @@ def test_a_cnn_tail_gives_the_last_layers_tokens_to_the_head(world: TailWorld,
     assert spec["num_tokens"] == 1 + spec["grid"][0] * spec["grid"][1]   # the mean, the grid
     images, texts = (ImageCache(features / DATASET / "test" / "image-resnet_l1.h5"),
                      TextCache(features / DATASET / "test" / "text-bert.h5"))
-    model = model_from_checkpoint(state, images, texts)
+    model = create_model(state, images, texts)
     assert model.head.image_spec.dim == spec["dim"]
     code, output = run_cli("eval", "--checkpoint", run / "best.pt", "--split", "test")
     assert code == 0 and "rsum" in output, output

@@ -156,7 +156,7 @@ def test_explain_scores_a_pair_as_eval_does(viz_world: VizWorld, run: str) -> No
     cached pair (a tail run rebuilds its tuned blocks from the stand-in caches)."""
     from cache.batch import TokenBatch
     from cache.store import ImageCache, TextCache
-    from heads.checkpoint import model_from_checkpoint
+    from heads.model import create_model
     from viz.explain import encode
     from viz.inputs import load_pair
 
@@ -165,7 +165,7 @@ def test_explain_scores_a_pair_as_eval_does(viz_world: VizWorld, run: str) -> No
     folder, data = viz_world.tail.features / "f30k" / "test", state["config"]["data"]
     images = ImageCache(folder / f"image-{data['image']}.h5")
     texts = TextCache(folder / f"text-{data['text']}.h5")
-    model = model_from_checkpoint(state, images, texts).eval()
+    model = create_model(state, images, texts).eval()
     image_tokens, _ = images.read([0])
     text_tokens, lengths = texts.read([0])
     text_tokens = text_tokens[:, :int(lengths[0])]
@@ -188,15 +188,15 @@ def test_explain_runs_an_e2e_run_on_the_photo_and_the_word_pieces(viz_world: Viz
 
     from cache.batch import IdsBatch, PixelBatch
     from cache.store import ImageCache, TextCache
-    from heads.checkpoint import model_from_checkpoint
-    from heads.sources import input_batches
+    from heads.model import create_model
+    from heads.model import input_batches
     from viz.explain import encode
     from viz.inputs import load_pair
 
     best = viz_world.run("linear_e2e") / "best.pt"
     folder = viz_world.tail.features / "f30k" / "test"
     images, texts = ImageCache(folder / "image-dinov2.h5"), TextCache(folder / "text-bert.h5")
-    model = model_from_checkpoint(load_checkpoint(best), images, texts).eval()
+    model = create_model(load_checkpoint(best), images, texts).eval()
     (_, image_batch), = list(input_batches(model, images, 1, np.array([0])))
     (_, text_batch), = list(input_batches(model, texts, 1, np.array([0])))
     with torch.no_grad():
