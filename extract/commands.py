@@ -63,12 +63,13 @@ def _layer_tags(tag: str, layers: list[int]) -> list[str]:
 
 
 @click.command()
-@click.option("--backbone", help="Image encoder (dinov2, vit, swin, efficientnet_lite0, timm).")
+@click.option("--backbone", help="Image encoder (dinov2, vit, swin, efficientnet_lite0, "
+                                 "efficientnet_lite2, timm).")
 @click.option("--weights", help="Image weights: named offline id, local folder/file or hub id. "
                                 "timm: a timm model folder (config.json naming the architecture), "
                                 "ARCH=FILE (a timm name and a state-dict file) or a timm name.")
 @click.option("--layer", "layer_arg", default="-1", show_default=True,
-              help="Image encoder layer (-1 = final output; efficientnet_lite0, timm: "
+              help="Image encoder layer (-1 = final output; efficientnet_lite0/2, timm: "
                    "K = entry K of timm's feature_info, a stage or a ViT block from 0). Several, "
                    "comma-separated (6,8,10,-1): one pass over the photos writes one cache per "
                    "layer, tagged <tag>_l<K> (-1: <tag>).")
