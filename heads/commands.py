@@ -17,7 +17,7 @@ import torch
 
 from cache.device import resolve_device
 from cache.errors import InputError
-from cache.store import ImageCache, TextCache
+from cache.store import ImageCache, TextCache, centre_view_note
 from heads.checkpoint import load_checkpoint, model_from_checkpoint
 from heads.config import (cache_paths, config_without_file, flatten, load_config,
                           parse_override)
@@ -180,6 +180,9 @@ def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str 
     """
     state = load_checkpoint(checkpoint)
     image_cache, text_cache, split = open_eval_caches(state, split, images, texts)
+    note = centre_view_note(image_cache, "eval")
+    if note:
+        click.echo(note, err=True)
     torch_device = resolve_device(device)
     model = model_from_checkpoint(state, image_cache, text_cache, photos).to(torch_device)
     eval_cfg = state["config"]["eval"]

@@ -35,9 +35,8 @@ from cache.batch import IdsBatch, PixelBatch
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from extract.datasets import load_rgb
-from extract.transforms import ImageTransform
+from extract.transforms import CROP_SCALE, ImageTransform, training_transform  # noqa: F401
 
-CROP_SCALE = (0.6, 1.0)
 WORD_AUGMENT = 0.2
 WORD_SPLIT = (0.5, 0.1, 0.4)   # of a perturbed word: [MASK], random pieces, deleted
 
@@ -119,23 +118,6 @@ class CaptionIds:
 
 
 # ------------------------------------------------------------------------------------- photos
-
-
-def training_transform(transform: ImageTransform,
-                       crop_scale: tuple[float, float] = CROP_SCALE) -> Callable[[Image.Image], torch.Tensor]:
-    """The references' training augmentation at the resolution and normalisation of an
-    encoder's ``transform``: random resized crop (``crop_scale``), horizontal flip."""
-    from torchvision.transforms import InterpolationMode, v2
-
-    return v2.Compose([
-        v2.ToImage(),
-        v2.RandomResizedCrop(transform.size, scale=tuple(crop_scale),
-                             interpolation=InterpolationMode(transform.interpolation),
-                             antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(transform.mean), list(transform.std)),
-    ])
 
 
 def images_root(images: ImageCache, override: str | Path | None) -> Path:

@@ -42,7 +42,7 @@ from cache.store import ImageCache, ImageCacheWriter
 from extract.datasets import SplitIndex
 from extract.encoders import ImageEncoder
 from extract.runner import image_attrs
-from heads.checkpoint import feature_identity, load_checkpoint
+from heads.checkpoint import feature_identity, load_checkpoint, note_centre_view
 from heads.eval.scoring import encode_cache
 from search import ann
 from search.folder import (
@@ -214,6 +214,7 @@ def build_index(images: str | Path, checkpoint: str | Path, out: str | Path, kin
                          f"{workers}")
     root, out = Path(images).resolve(), Path(out)
     state = load_checkpoint(checkpoint)
+    note_centre_view(state, "cli index")
     mode = embedding_mode(state)
     identity = state["features"]["image"]
     photos = scan_folder(root)

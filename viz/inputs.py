@@ -19,7 +19,8 @@ from cache.errors import InputError
 from extract.recorded import recorded_encoder
 from extract.datasets import SplitIndex
 from extract.runner import image_attrs, text_attrs
-from heads.checkpoint import RecordedCache, load_checkpoint, model_from_checkpoint
+from heads.checkpoint import (RecordedCache, load_checkpoint, model_from_checkpoint,
+                               note_centre_view)
 from heads.sources import RetrievalModel
 from viz.overlay import as_seen, open_image
 
@@ -46,6 +47,7 @@ def load_pair(checkpoint: str | Path, image_path: str | Path, caption: str,
         raise InputError("--caption is empty")
     checkpoint = str(checkpoint)
     state = load_checkpoint(checkpoint)
+    note_centre_view(state, "cli explain")
     image_features, text_features = state["features"]["image"], state["features"]["text"]
     if image_features.get("grid") is None:
         raise InputError(f"{checkpoint}: the image side of head {state['head_name']!r} reads "
