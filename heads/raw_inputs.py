@@ -8,7 +8,8 @@ of those caches are not read.
 
 Training augmentation, as in the references (VSE∞, LAPS, CADR, HREM):
 
-* images: ``RandomResizedCrop`` to the backbone's resolution, scale (0.6, 1), bicubic, then a
+* images (`extract.transforms.training_transform`, also what ``cli extract --views`` draws):
+  ``RandomResizedCrop`` to the backbone's resolution, scale (0.6, 1), bicubic, then a
   horizontal flip with probability 0.5 (torchvision.transforms.v2), then the backbone's
   normalisation; evaluation uses the extraction's preprocessing (``encoder.transform``);
 * captions (`WordPieceAugment`): each *word* (a piece and the ``##`` pieces after it; never
@@ -35,7 +36,6 @@ from cache.batch import IdsBatch, PixelBatch
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from extract.datasets import load_rgb
-from extract.transforms import CROP_SCALE, ImageTransform, training_transform  # noqa: F401
 
 WORD_AUGMENT = 0.2
 WORD_SPLIT = (0.5, 0.1, 0.4)   # of a perturbed word: [MASK], random pieces, deleted

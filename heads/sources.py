@@ -188,7 +188,8 @@ class BackboneTokens(TokenSource):
         return self
 
     def _photos(self, cache: ImageCache, training: bool) -> Any:
-        from heads.raw_inputs import PhotoFiles, images_root, training_transform
+        from extract.transforms import training_transform
+        from heads.raw_inputs import PhotoFiles, images_root
 
         transform = self.encoder.transform
         if training:

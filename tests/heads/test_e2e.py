@@ -13,10 +13,11 @@ import torch
 
 from cache.batch import IdsBatch, PixelBatch
 from cache.store import ImageCache, TextCache
+from extract.transforms import training_transform
 from heads.checkpoint import load_checkpoint, model_from_checkpoint
 from heads.config import load_config
 from heads.eval.evaluate import evaluate
-from heads.raw_inputs import CaptionIds, WordPieceAugment, training_transform
+from heads.raw_inputs import CaptionIds, WordPieceAugment
 from heads.sources import BackboneTokens, RetrievalModel, SourceOptions, build_source
 from heads.train import Trainer, layer_scales, sync_head_batchnorm
 from tests.extract.cli_helpers import run_cli
