@@ -14,6 +14,9 @@
 Each source also says how a split's rows reach it (`TokenSource.batches` for encoding,
 `TokenSource.training_reader` for training): cached tokens for ``cache`` and ``tail``, decoded
 photos or word-piece ids for ``e2e``. `SourceOptions` carries the config keys sources read.
+A train image cache of several views per photo (``cli extract --views N``) gives ``cache`` and
+``tail`` another view of each photo each epoch (`cache.datasets.view_of`); encoding reads the
+centre view.
 
 `RetrievalModel` holds ``head``, ``image_source`` and ``text_source``: the trainer, the loss module
 (`heads.distributed.LossModule`, which runs the sources before any all-gather), the scorer
