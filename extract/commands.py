@@ -148,7 +148,8 @@ def _layer_tags(tag: str, layers: list[int]) -> list[str]:
 @click.option("--merge", is_flag=True,
               help="Join the finished shard files of a sharded run into normal cache files.")
 def extract(backbone: str | None, weights: str | None, layer_arg: str, resolution: int | None,
-            views: int, crop_scale: str, view_seed: int, text_encoder: str | None, text_weights: str | None, text_layer: int, max_length: int,
+            views: int, crop_scale: str, view_seed: int, text_encoder: str | None,
+            text_weights: str | None, text_layer: int, max_length: int,
             dataset: str, data_path: str | None, images: str | None, split_args: tuple[str, ...],
             out: str, tag: str | None, text_tag: str | None, batch_size: int, workers: int,
             device: str, threads: int | None, limit: int | None, overwrite: bool,
