@@ -13,6 +13,13 @@ With ``--layers 6,8,10,-1`` it measures instead one pass writing the caches of t
 (``cli extract --layer 6,8,10,-1``) against one runner call per layer, alternating likewise:
 
     python bench/extract.py --backbone dinov2 --weights imgfocus-dinov2-s14 --layers 6,8,10,-1
+
+With ``--views N`` it measures a runner pass writing N views per photo (``cli extract --views N``:
+the centre view and N - 1 seeded RandomResizedCrop + flip draws) against a one-view runner pass,
+alternating likewise; the ratio printed last is views time / one-view time (N is the cost of
+running the backbone on every view; above it, the augmentation's decoding cost):
+
+    python bench/extract.py --backbone efficientnet_lite0 --views 4
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ from extract.datasets import ImageDataset, load_split  # noqa: E402
 from cache.device import resolve_device  # noqa: E402
 from extract.runner import (RunOptions, extract_image_layers, extract_images,  # noqa: E402
                            limit_split)
+from extract.views import Views  # noqa: E402
 from bench.machine import print_machine  # noqa: E402
 
 
@@ -96,6 +104,29 @@ def compare_layers(index, args, options: RunOptions) -> None:
     print(f"ratio one pass / per layer = {min(together) / min(apart):.3f}")
 
 
+def compare_views(index, args, options: RunOptions) -> None:
+    """Print a runner pass of ``args.views`` views per photo against a one-view pass."""
+    encoder = create_image_encoder(args.backbone, args.weights).to(options.device)
+    views = Views(args.views)
+    one, several = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):
+            one.append(runner_pass(index, encoder, options, Path(tmp) / "one.h5"))
+            start = time.perf_counter()
+            extract_images(index, encoder, Path(tmp) / "views.h5", options, views=views)
+            several.append(time.perf_counter() - start)
+    n = index.num_images
+    print(f"{n} {args.dataset}/{args.split} images, {args.backbone} on {options.device}, batch "
+          f"{args.batch_size}, {args.workers} decoding workers, torch threads "
+          f"{torch.get_num_threads()}; best of {args.repeats}")
+    print(f"{'loop':<44}{'seconds':>10}{'images/s':>10}")
+    print(f"{'runner, one view':<44}{min(one):>10.2f}{n / min(one):>10.1f}")
+    print(f"{f'runner, {args.views} views':<44}{min(several):>10.2f}{n / min(several):>10.1f}")
+    print(f"all passes (s): one view {[round(t, 2) for t in one]}, {args.views} views "
+          f"{[round(t, 2) for t in several]}")
+    print(f"ratio {args.views} views / one view = {min(several) / min(one):.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-path", type=Path, default=REPO.parent / "shared" / "data" / "f8k")
@@ -112,6 +143,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="passes per side (best counts)")
     parser.add_argument("--layers", help="comma-separated layers: one pass over all of them vs "
                                          "one runner call per layer")
+    parser.add_argument("--views", type=int, help="views per photo: a --views N runner pass vs a "
+                                                  "one-view runner pass")
     args = parser.parse_args()
     print_machine()
     if not (args.data_path / f"{args.split}_caps.txt").exists():
@@ -124,6 +157,9 @@ def main() -> None:
                          device=resolve_device(args.device), overwrite=True, progress=False)
     if args.layers:
         compare_layers(index, args, options)
+        return
+    if args.views:
+        compare_views(index, args, options)
         return
     encoder = create_image_encoder(args.backbone, args.weights)
     encoder.to(options.device)

@@ -34,6 +34,8 @@ def info(files: tuple[str, ...], as_json: bool) -> None:
             click.echo(f"{r['path']}: {status}")
             if r.get("weights_note"):
                 click.echo(f"  weights: {r['weights_note']}")
+            if r.get("views_line"):
+                click.echo(f"  views: {r['views_line']}")
             for name, d in sorted(r.get("datasets", {}).items()):
                 click.echo(f"  {name:<12} {str(tuple(d['shape'])):<22} {d['dtype']}")
             for key, value in sorted(r.get("attributes", {}).items()):

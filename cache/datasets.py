@@ -11,6 +11,11 @@ state is dropped independently with a probability, never a prefix token (CLS, re
 suffix token ([SEP]), and always keeping at least one of the droppable tokens. The decision for a
 token is a hash of (seed, epoch, caption row, side, position), so it is deterministic, independent of
 the batch composition, of the number of DataLoader workers and of the number of ranks.
+
+An image cache of several views per photo (``cli extract --views V``) gives training input-level
+augmentation after all: each epoch reads one view of each photo (`view_of`), the same for every
+caption of the photo, whatever the side's source (cached tokens or a tail on them). Encoding
+(`token_batches`: dev, test, eval) reads the centre view.
 """
 from __future__ import annotations
 
@@ -120,6 +125,18 @@ class EpochBatches(torch.utils.data.Sampler):
 # ------------------------------------------------------------------------------ token drop
 
 _SIDE = {"image": 1, "text": 2}
+_VIEW_KEY = 3
+
+
+def view_of(seed: int, epoch: int, rows: np.ndarray, num_views: int) -> np.ndarray:
+    """The view training reads of each photo ``rows`` in ``epoch``: ``(offset + epoch) % V`` with
+    an offset per (seed, photo), so a photo takes another view each epoch and all V in V epochs,
+    the photos out of step with each other."""
+    rows = np.asarray(rows, np.int64)
+    if num_views == 1:
+        return np.zeros(len(rows), np.int64)
+    offset = (hash_uniform([seed, _VIEW_KEY, rows]) * num_views).astype(np.int64)
+    return (offset + epoch) % num_views
 
 
 def _mix(h: np.ndarray) -> np.ndarray:
@@ -211,9 +228,10 @@ class MemmapTable:
     def __init__(self, images: ImageCache, texts: TextCache) -> None:
         self.image_cache, self.text_cache = images, texts
 
-    def images(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        uniq, inverse = np.unique(rows, return_inverse=True)
-        tokens, _ = self.image_cache.read(uniq)
+    def images(self, rows: np.ndarray, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        num_views = self.image_cache.num_views
+        uniq, inverse = np.unique(rows * num_views + views, return_inverse=True)
+        tokens, _ = self.image_cache.read_views(uniq // num_views, uniq % num_views)
         return tokens.reshape(-1, tokens.shape[2]), inverse.reshape(-1) * tokens.shape[1]
 
     def texts(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -229,6 +247,10 @@ class PreloadedTable:
 
     def __init__(self, images: ImageCache, texts: TextCache, device: torch.device | None = None) -> None:
         image_tokens = np.array(images.tokens)
+        if images.num_views > 1:        # [N, V, T, D]: row-major, view 0 the centre view
+            image_tokens = np.concatenate([image_tokens[:, None], images.view_tokens], axis=1)
+            image_tokens = image_tokens.reshape(-1, *image_tokens.shape[2:])
+        self.num_views = images.num_views
         self.image_width = image_tokens.shape[1]
         image_table = image_tokens.reshape(-1, image_tokens.shape[2])
         text_table = np.array(texts.tokens)
@@ -240,16 +262,17 @@ class PreloadedTable:
             self.image_table = torch.from_numpy(image_table).to(device)
             self.text_table = torch.from_numpy(text_table).to(device)
 
-    def images(self, rows: np.ndarray) -> tuple[np.ndarray | Tensor, np.ndarray]:
-        return self.image_table, rows * self.image_width
+    def images(self, rows: np.ndarray, views: np.ndarray) -> tuple[np.ndarray | Tensor, np.ndarray]:
+        return self.image_table, (rows * self.num_views + views) * self.image_width
 
     def texts(self, rows: np.ndarray) -> tuple[np.ndarray | Tensor, np.ndarray]:
         return self.text_table, self.offsets[rows]
 
 
 def split_bytes(images: ImageCache, texts: TextCache) -> int:
-    """Bytes the token arrays of an image and a text cache take (fp16)."""
-    return int(np.prod(images.tokens.shape)) * 2 + int(np.prod(texts.tokens.shape)) * 2
+    """Bytes the token arrays of an image (every view) and a text cache take (fp16)."""
+    return (int(np.prod(images.tokens.shape)) * images.num_views * 2
+            + int(np.prod(texts.tokens.shape)) * 2)
 
 
 def _available_ram() -> int:
@@ -288,7 +311,8 @@ class PairBatches(torch.utils.data.Dataset):
     ``dataset[(epoch, caption_rows)]`` returns ``(images, texts, image_ids)``: image token batch
     ``[B, T', D]``, caption token batch ``[B, L', D]`` (padded, masked, after token drop)
     and the image row of each caption ``[B]`` (for same-image masking in the loss). Row ``i`` of the
-    images is the image of caption ``i``. ``float32=True`` converts the tokens in the loader (worker
+    images is the image of caption ``i``, in the view `view_of` gives it this epoch (an image
+    cache of several views). ``float32=True`` converts the tokens in the loader (worker
     processes when there are some): what a CPU run wants; a GPU run moves fp16 and converts there.
     A side with a ``readers`` entry (``{"image": r}``) reads its batch with
     ``r.read(rows, epoch)`` instead (an end-to-end side: photos or word-piece ids, see
@@ -323,8 +347,9 @@ class PairBatches(torch.utils.data.Dataset):
         epoch, rows = item
         rows = np.asarray(rows, np.int64)
         image_rows = self.image_index[rows]
+        views = view_of(self.seed, epoch, image_rows, self.images.num_views)
         images = self._side("image", image_rows, rows, epoch, self.image_lengths[image_rows],
-                            self.image_drop, self.table.images)
+                            self.image_drop, lambda side_rows: self.table.images(side_rows, views))
         texts = self._side("text", rows, rows, epoch, self.text_lengths[rows], self.text_drop,
                            self.table.texts)
         return images, texts, torch.from_numpy(image_rows)

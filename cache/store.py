@@ -6,11 +6,18 @@ Layout of one file (one split, one modality, one encoder):
 
 image file                               text file
   tokens   float16 [N, T, D]               tokens      float16 [sum(L), D]  (ragged, no padding)
+  view_tokens float16 [N, V-1, T, D] (opt.)
   lengths  int32   [N]                      offsets     int64   [N + 1]
   ids      str     [N]                      input_ids   int32   [sum(L)]
   paths    str     [N]                      image_index int64   [N]   (row in the image file)
   boxes    float32 [N, T, 4]  (optional)    captions    str     [N]
   image_wh int32   [N, 2]     (optional)
+
+``view_tokens`` exists only in a cache of several views per photo (``cli extract --views V``, the
+``views`` attribute, V > 1): ``tokens`` stays the centre view (view 0, the encoder's preprocessing),
+so every reader that takes one view per photo reads such a cache unchanged and an old single-view
+cache is a cache of ``views = 1``; ``view_tokens[:, v - 1]`` is augmented view v (see
+`extract.views`), written in the same row commits as ``tokens``.
 
 Every dataset is contiguous and allocated when the file is created, so a finished file can be read
 through a NumPy memmap (random rows at memory speed, see bench/cache_read.py). Writers append rows in
@@ -65,6 +72,8 @@ class CacheAttrs:
     total_items: int = -1
     extra: dict[str, Any] = field(default_factory=dict)
     weights_note: str = ""  # what the weights really are, where the id alone misleads (not identity)
+    views: int = 1          # views per photo: 1 = the centre view only (``view_tokens``: the others)
+    augmentation: dict[str, Any] = field(default_factory=dict)  # how views 1..V-1 were drawn
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -76,7 +85,8 @@ class CacheAttrs:
     # IDENTITY ties a resumed, merged or kept extraction to its file: same producer AND same rows.
     IDENTITY = ("modality", "encoder", "weights_id", "weights_hash", "dim", "layer", "num_tokens",
                 "prefix_tokens", "suffix_tokens", "grid", "resolution", "preprocessing", "dataset",
-                "split", "num_items", "shard_start", "shard_stop", "total_items")
+                "split", "num_items", "shard_start", "shard_stop", "total_items", "views",
+                "augmentation")
     # FEATURE_FIELDS ties a checkpoint to its caches: same producer only, since the head reads
     # other splits, row counts and token counts (dev, test) than the ones it was trained on.
     FEATURE_FIELDS = ("encoder", "weights_id", "weights_hash", "dim", "layer", "prefix_tokens",
@@ -105,7 +115,8 @@ class CacheAttrs:
             value = attrs[f.name]
             if isinstance(value, bytes):
                 value = value.decode()
-            if f.name in ("grid", "resolution", "preprocessing", "extra") and isinstance(value, str):
+            if f.name in ("grid", "resolution", "preprocessing", "extra", "augmentation") \
+                    and isinstance(value, str):
                 value = json.loads(value)  # JSON-encoded (None, tuples, dicts); ints are stored as is
                 if f.name == "grid" and value is not None:
                     value = tuple(value)
@@ -259,6 +270,8 @@ class ImageCacheWriter(_Writer):
     def _create_datasets(self) -> None:
         n, t, d = self.attrs.num_items, self.attrs.num_tokens, self.attrs.dim
         _create(self.file, "tokens", (n, t, d), STORAGE_DTYPE)
+        if self.attrs.views > 1:
+            _create(self.file, "view_tokens", (n, self.attrs.views - 1, t, d), STORAGE_DTYPE)
         _create(self.file, "lengths", (n,), np.int32)
         _create(self.file, "ids", (n,), h5py.string_dtype(), self._ids)
         _create(self.file, "paths", (n,), h5py.string_dtype(), self._paths)
@@ -267,8 +280,10 @@ class ImageCacheWriter(_Writer):
             _create(self.file, "image_wh", (n, 2), np.int32)
 
     def append(self, tokens: np.ndarray, lengths: np.ndarray | None = None,
-               boxes: np.ndarray | None = None, image_wh: np.ndarray | None = None) -> None:
-        """Write the next ``B`` rows (tokens ``[B, t<=T, D]``, zero-padded to T) and commit."""
+               boxes: np.ndarray | None = None, image_wh: np.ndarray | None = None,
+               views: np.ndarray | None = None) -> None:
+        """Write the next ``B`` rows (tokens ``[B, t<=T, D]``, zero-padded to T) and commit; a cache
+        of V > 1 views takes the other views of the same rows, ``views`` ``[B, V-1, T, D]``."""
         start = self.rows_written
         b, t = tokens.shape[0], tokens.shape[1]
         if start + b > self.num_items:
@@ -276,13 +291,22 @@ class ImageCacheWriter(_Writer):
         if t > self.attrs.num_tokens or tokens.shape[2] != self.attrs.dim:
             raise ValueError(f"tokens of shape {tokens.shape} do not fit T={self.attrs.num_tokens}, "
                              f"D={self.attrs.dim}")
+        wanted = (b, self.attrs.views - 1, self.attrs.num_tokens, self.attrs.dim)
+        if (views is None) != (self.attrs.views == 1) or (views is not None
+                                                          and views.shape != wanted):
+            raise ValueError(f"this cache holds {self.attrs.views} views per photo: other views "
+                             f"{wanted} expected, got {None if views is None else views.shape}")
         _check_finite(tokens, self.partial, start)
+        if views is not None:
+            _check_finite(views, self.partial, start)
         if t < self.attrs.num_tokens:
             padded = np.zeros((b, self.attrs.num_tokens, self.attrs.dim), STORAGE_DTYPE)
             padded[:, :t] = tokens
             tokens = padded
         lengths = np.full(b, t, np.int32) if lengths is None else np.asarray(lengths, np.int32)
         self.file["tokens"][start:start + b] = tokens.astype(STORAGE_DTYPE, copy=False)
+        if views is not None:
+            self.file["view_tokens"][start:start + b] = views.astype(STORAGE_DTYPE, copy=False)
         self.file["lengths"][start:start + b] = lengths
         if self._with_boxes:
             if boxes is None or image_wh is None:
@@ -389,7 +413,7 @@ class _Cache:
             raise IncompleteCacheError(f"{self.path}: incomplete cache ({self.rows_written} of "
                                        f"{self.attrs.num_items} rows written)")
         self._pid: int | None = None
-        self._tokens: Any = None
+        self._arrays: dict[str, Any] = {}
 
     def _load_index(self, f: h5py.File) -> None:
         raise NotImplementedError
@@ -400,16 +424,22 @@ class _Cache:
     @property
     def tokens(self) -> Any:
         """The token array (memmap when possible); reopened after a fork (DataLoader workers)."""
+        return self._array("tokens")
+
+    def _array(self, name: str) -> Any:
+        """Dataset ``name`` as a memmap when possible (else the h5py dataset), opened once per
+        process."""
         if self._pid != os.getpid():
+            self._arrays, self._pid = {}, os.getpid()
+        if name not in self._arrays:
             with open_h5(self.path) as f:
-                mm = _memmap(self.path, f["tokens"])
-            self._tokens = mm if mm is not None else open_h5(self.path)["tokens"]
-            self._pid = os.getpid()
-        return self._tokens
+                mm = _memmap(self.path, f[name])
+            self._arrays[name] = mm if mm is not None else open_h5(self.path)[name]
+        return self._arrays[name]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_pid"], state["_tokens"] = None, None
+        state["_pid"], state["_arrays"] = None, {}
         return state
 
     def require(self, **expected: Any) -> None:
@@ -441,6 +471,37 @@ class ImageCache(_Cache):
             uniq, inverse = np.unique(rows, return_inverse=True)
             out = tokens[uniq][inverse]
         return np.ascontiguousarray(out), self.lengths[rows]
+
+    @property
+    def num_views(self) -> int:
+        """Views per photo: 1 (``tokens``, the centre view) or V (`read_views`)."""
+        return self.attrs.views
+
+    @property
+    def view_tokens(self) -> Any:
+        """The other views ``[N, V-1, T, D]`` of a cache of several views (memmap when possible)."""
+        if self.num_views == 1:
+            raise CacheMismatchError(f"{self.path}: a cache of one view per photo (no view_tokens)")
+        return self._array("view_tokens")
+
+    def read_views(self, rows: Sequence[int] | np.ndarray,
+                   views: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens ``[B, T, D]`` (fp16) and lengths ``[B]`` of view ``views[i]`` of row ``rows[i]``
+        (view 0: the centre view, `read`)."""
+        rows, views = np.asarray(rows, np.int64), np.asarray(views, np.int64)
+        if views.size and (views.min() < 0 or views.max() >= self.num_views):
+            raise ValueError(f"{self.path}: views {views.min()}..{views.max()} asked, the cache "
+                             f"holds {self.num_views}")
+        out, lengths = self.read(rows)
+        other = np.flatnonzero(views > 0)
+        if other.size:
+            table = self.view_tokens
+            if isinstance(table, np.ndarray):
+                out[other] = table[rows[other], views[other] - 1]
+            else:
+                for i in other:
+                    out[i] = table[rows[i], views[i] - 1]
+        return out, lengths
 
     def read_boxes(self, rows: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Boxes ``[B, T, 4]`` and image sizes ``[B, 2]`` (region caches only)."""
@@ -580,7 +641,8 @@ def _merge_images(readers: Sequence[ImageCache], whole: CacheAttrs, out: Path, o
         for reader, lo, hi in _shard_chunks(readers, writer.rows_written, chunk_rows):
             tokens, lengths = reader.read(np.arange(lo, hi))
             extra = reader.read_boxes(np.arange(lo, hi)) if boxes else (None, None)
-            writer.append(tokens, lengths, *extra)
+            views = np.asarray(reader.view_tokens[lo:hi]) if whole.views > 1 else None
+            writer.append(tokens, lengths, *extra, views=views)
         writer.finish()
 
 
@@ -627,6 +689,9 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         report["shard"] = (f"rows {reader.attrs.shard_start}..{reader.attrs.shard_stop - 1} of "
                            f"{reader.attrs.total_items} (join the shards with `cli extract --merge`)")
     report["weights_note"] = reader.attrs.weights_note
+    report["views"] = reader.attrs.views
+    if reader.attrs.modality == "image":
+        report["views_line"] = views_line(reader.attrs)
     report["complete"] = reader.complete and reader.rows_written == reader.attrs.num_items
     report["rows_written"] = reader.rows_written
     rows = f"{reader.rows_written} of {reader.attrs.num_items} rows"
@@ -638,3 +703,21 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     else:
         report["problem"] = f"incomplete: {rows} written (resume the extraction with the same command)"
     return report
+
+
+def views_line(attrs: CacheAttrs) -> str:
+    """What a cache holds per photo, in words (``cli info``, notes of one-view readers)."""
+    if attrs.views == 1:
+        return "1 view per photo (the centre view)"
+    aug = attrs.augmentation
+    how = ", ".join(f"{k} {aug[k]}" for k in ("crop_scale", "flip", "seed") if k in aug)
+    return (f"{attrs.views} views per photo: view 0 the centre view, views 1..{attrs.views - 1} "
+            f"augmented ({aug.get('transform', 'augmented')}{'; ' + how if how else ''})")
+
+
+def centre_view_note(cache: "ImageCache", reader: str) -> str | None:
+    """The note a reader of one view per photo prints for a cache of several (None otherwise)."""
+    if cache.num_views == 1:
+        return None
+    return (f"note: {cache.path} holds {cache.num_views} views per photo; {reader} reads the "
+            "centre view (view 0) only")

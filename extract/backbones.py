@@ -20,6 +20,9 @@ Image encoders (``list_image_encoders()``), default weights, and layout at the d
 - ``swin``: microsoft/swin-base-patch4-window7-224; 49 x 1024, prefix 0 (no pooled token), grid 7x7.
 - ``efficientnet_lite0``: efficientnet-lite0-imagenet (offline package), run by timm's
   ``tf_efficientnet_lite0``; 50 x 1280, prefix 1 (the mean of the grid), grid 7x7.
+- ``efficientnet_lite2``: efficientnet-lite2-imagenet (offline package), run by timm's
+  ``tf_efficientnet_lite2``, default 260 px; 82 x 1280, prefix 1, grid 9x9 (TF "same" padding:
+  grid = ceil(resolution / stride)). Layers: see docs/views-and-backbones.md.
 - ``timm``: any timm model, no default weights (``weights`` is a timm model folder, ``ARCH=FILE`` or
   a timm model name); prefix = the model's CLS/registers (ViTs) or the grid mean (CNNs), grid from
   the patch size or stage reduction. See `extract.timm_backbones`.
@@ -69,8 +72,7 @@ from torch import nn
 
 from cache.errors import InputError
 from extract.encoders import ImageEncoder, TextEncoder, TokenLayout, patch_grid
-from extract.timm_backbones import efficientnet_lite0 as timm_efficientnet_lite0
-from extract.timm_backbones import timm_encoder
+from extract.timm_backbones import LITE_VARIANTS, efficientnet_lite, timm_encoder
 from extract.transforms import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 from extract.weights import (
     load_hf_model,
@@ -289,17 +291,25 @@ def swin(
 # ------------------------------------------------------------------------------------------ timm
 
 
-@register_image_encoder("efficientnet_lite0")
-def efficientnet_lite0(
-    weights: str = "efficientnet-lite0-imagenet", layer: int = -1, resolution: int = 224
-) -> ImageEncoder:
-    """EfficientNet-Lite0 run by timm: mean token + grid of 1280 (head) or of stage ``layer``.
+def _lite_factory(name: str) -> ImageEncoderFactory:
+    """The registry factory of EfficientNet-Lite ``name`` (a key of `LITE_VARIANTS`)."""
+    variant = LITE_VARIANTS[name]
 
-    ``weights`` is a state-dict file (``.pth``) in the layout of the package
-    efficientnet-lite-pytorch or the named id of the packaged ImageNet weights; inputs in [-1, 1],
-    bicubic resize.
-    """
-    return timm_efficientnet_lite0(weights, layer, resolution)
+    def factory(weights: str = variant.weights, layer: int = -1,
+                resolution: int = variant.resolution) -> ImageEncoder:
+        return efficientnet_lite(name, weights, layer, resolution)
+
+    factory.__name__ = name
+    factory.__doc__ = (f"EfficientNet-Lite{name[-1]} run by timm's ``{variant.arch}``: mean token + "
+                       f"grid of 1280 (head) or of stage ``layer``. ``weights`` is a state-dict "
+                       f"file (``.pth``) in the layout of the package efficientnet-lite-pytorch or "
+                       f"the named id of the packaged ImageNet weights ({variant.weights}); inputs "
+                       f"in [-1, 1], bicubic resize to {variant.resolution} px by default.")
+    return factory
+
+
+for _name in LITE_VARIANTS:
+    register_image_encoder(_name)(_lite_factory(_name))
 
 
 @register_image_encoder("timm")

@@ -12,6 +12,7 @@ from cache.device import resolve_device
 from cache.errors import InputError
 from extract import runner
 from extract.runner import FileReport, RunOptions, Shard
+from extract.views import TRAIN_SPLIT, Views, for_split
 
 
 def _splits(values: tuple[str, ...]) -> list[str]:
@@ -54,6 +55,36 @@ def _layers(value: str) -> list[int]:
     return layers
 
 
+def _views(count: int, crop_scale: str, seed: int, backbone: str | None,
+           splits: list[str]) -> Views:
+    """``--views``, ``--crop-scale``, ``--view-seed``, checked against the call."""
+    try:
+        low, high = (float(part) for part in crop_scale.split(","))
+    except ValueError:
+        raise InputError(f"--crop-scale {crop_scale!r}: give LOW,HIGH (0.6,1.0)") from None
+    views = Views(count, (low, high), seed)
+    if count > 1 and not backbone:
+        raise InputError(f"--views {count}: views are augmented photos, and this call extracts no "
+                         "image encoder (add --backbone, or drop --views)")
+    if count > 1 and TRAIN_SPLIT not in splits:
+        raise InputError(f"--views {count}: only the training split ({TRAIN_SPLIT!r}) gets views, "
+                         f"and --split names {', '.join(splits)} (dev and test always hold the "
+                         "centre view)")
+    return views
+
+
+def _views_summary(views: Views, splits: list[str]) -> str:
+    """The summary line saying which split got how many views."""
+    others = [split for split in splits if split != TRAIN_SPLIT]
+    line = (f"views: {TRAIN_SPLIT} holds {views.count} per photo (view 0 the centre view, "
+            f"1..{views.count - 1} augmented: crop scale {views.crop_scale[0]:g}-"
+            f"{views.crop_scale[1]:g} + flip, seed {views.seed})")
+    if others:
+        line += (f"; {', '.join(others)} {'holds' if len(others) == 1 else 'hold'} the centre view "
+                 "only")
+    return line
+
+
 def _layer_tags(tag: str, layers: list[int]) -> list[str]:
     """The image file tag of each layer: ``tag`` for one layer; ``<tag>_l<K>`` for several
     (``tag`` itself for the final output, -1)."""
@@ -63,16 +94,25 @@ def _layer_tags(tag: str, layers: list[int]) -> list[str]:
 
 
 @click.command()
-@click.option("--backbone", help="Image encoder (dinov2, vit, swin, efficientnet_lite0, timm).")
+@click.option("--backbone", help="Image encoder (dinov2, vit, swin, efficientnet_lite0, "
+                                 "efficientnet_lite2, timm).")
 @click.option("--weights", help="Image weights: named offline id, local folder/file or hub id. "
                                 "timm: a timm model folder (config.json naming the architecture), "
                                 "ARCH=FILE (a timm name and a state-dict file) or a timm name.")
 @click.option("--layer", "layer_arg", default="-1", show_default=True,
-              help="Image encoder layer (-1 = final output; efficientnet_lite0, timm: "
+              help="Image encoder layer (-1 = final output; efficientnet_lite0/2, timm: "
                    "K = entry K of timm's feature_info, a stage or a ViT block from 0). Several, "
                    "comma-separated (6,8,10,-1): one pass over the photos writes one cache per "
                    "layer, tagged <tag>_l<K> (-1: <tag>).")
 @click.option("--resolution", type=int, help="Input resolution in pixels (default: the encoder's).")
+@click.option("--views", type=int, default=1, show_default=True,
+              help="Views per photo of the training split (train): the centre view and N-1 "
+                   "augmented (RandomResizedCrop + flip); training reads another each epoch. "
+                   "Other splits get the centre view.")
+@click.option("--crop-scale", default="0.6,1.0", show_default=True,
+              help="LOW,HIGH: the RandomResizedCrop scale range of the augmented views.")
+@click.option("--view-seed", type=int, default=0, show_default=True,
+              help="Seed of the augmented views (drawn per seed, split row and view).")
 @click.option("--text-encoder", help="Text encoder (bert, minilm).")
 @click.option("--text-weights", help="Text weights: named offline id, local folder or hub id.")
 @click.option("--text-layer", type=int, default=-1, show_default=True,
@@ -108,7 +148,8 @@ def _layer_tags(tag: str, layers: list[int]) -> list[str]:
 @click.option("--merge", is_flag=True,
               help="Join the finished shard files of a sharded run into normal cache files.")
 def extract(backbone: str | None, weights: str | None, layer_arg: str, resolution: int | None,
-            text_encoder: str | None, text_weights: str | None, text_layer: int, max_length: int,
+            views: int, crop_scale: str, view_seed: int, text_encoder: str | None,
+            text_weights: str | None, text_layer: int, max_length: int,
             dataset: str, data_path: str | None, images: str | None, split_args: tuple[str, ...],
             out: str, tag: str | None, text_tag: str | None, batch_size: int, workers: int,
             device: str, threads: int | None, limit: int | None, overwrite: bool,
@@ -125,6 +166,8 @@ def extract(backbone: str | None, weights: str | None, layer_arg: str, resolutio
     <modality>-<tag>.shard-R-of-W.h5; then run the same command once more with --merge.
     An interrupted run resumes when the same command is run again: complete files with the same
     settings and rows are kept, a partial file continues from its last committed row.
+    With --views N the training split's image caches hold N views per photo (tag them apart:
+    --tag efficientnet_lite0_v4).
     """
     from extract.backbones import (create_image_encoders, create_text_encoder,
                                    list_image_encoders, list_text_encoders)
@@ -145,6 +188,7 @@ def extract(backbone: str | None, weights: str | None, layer_arg: str, resolutio
     if overwrite and skip_existing:
         raise InputError("--overwrite and --skip-existing exclude each other")
     layers = _layers(layer_arg)
+    view_options = _views(views, crop_scale, view_seed, backbone, splits)
     image_tags = _layer_tags(tag or backbone, layers) if backbone else []
     targets = {split: {"image": [runner.output_path(out, dataset, split, "image", t)
                                  for t in image_tags],
@@ -158,7 +202,8 @@ def extract(backbone: str | None, weights: str | None, layer_arg: str, resolutio
                 "text_weights": text_weights, "text_layer": text_layer, "max_length": max_length,
                 "dataset": dataset, "data_path": data_path, "images": images, "splits": splits,
                 "batch_size": batch_size, "workers": workers, "device": device,
-                "threads": threads, "limit": limit,
+                "threads": threads, "limit": limit, "views": views,
+                "crop_scale": list(view_options.crop_scale), "view_seed": view_seed,
                 "merge": merge}
     if merge:
         reports = [runner.merge_split_shards(path, overwrite)
@@ -185,14 +230,16 @@ def extract(backbone: str | None, weights: str | None, layer_arg: str, resolutio
     if not overwrite:  # a complete file of other settings anywhere stops the command before any work
         for split in splits:
             for encoder, path in zip(image_encoders, targets[split]["image"]):
-                runner.is_done("image", indexes[split], encoder, path, shard)
+                runner.is_done("image", indexes[split], encoder, path, shard,
+                               for_split(view_options, split))
             for path in targets[split]["text"]:
                 runner.is_done("text", indexes[split], text_model, path, shard)
     reports = []
     for split in splits:
         if image_encoders:
             done = runner.extract_image_layers(indexes[split], image_encoders,
-                                               targets[split]["image"], options, shard)
+                                               targets[split]["image"], options, shard,
+                                               for_split(view_options, split))
             for report in done:
                 reports.append(report)
                 _echo_file(report)
@@ -200,6 +247,8 @@ def extract(backbone: str | None, weights: str | None, layer_arg: str, resolutio
             reports.append(runner.extract_texts(indexes[split], text_model, path, options, shard))
             _echo_file(reports[-1])
     _report(reports, Path(out), dataset, shard, settings)
+    if view_options.count > 1:
+        click.echo(_views_summary(view_options, splits))
     if shard.sharded:
         click.echo("shards written; when every rank has finished, join them with the same "
                    "command plus --merge")

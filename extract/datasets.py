@@ -189,7 +189,11 @@ class ImageDataset(torch.utils.data.Dataset):
             image = load_rgb(self.files[row])
         except ImageDecodeError as err:
             raise ImageDecodeError(f"{err} (row {row})") from None
-        return row, self.transform(image)
+        return row, self.transformed(image, row)
+
+    def transformed(self, image: Image.Image, row: int) -> torch.Tensor:
+        """The decoded photo of split row ``row``, transformed (`extract.views`: its views)."""
+        return self.transform(image)
 
 
 def _register_heif() -> bool:

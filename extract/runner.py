@@ -44,6 +44,7 @@ from cache.store import (CacheAttrs, ImageCache, ImageCacheWriter, TextCache, Te
                          default_cache_path, merge_shards, open_cache, unsharded)
 from extract.encoders import ImageEncoder, TextEncoder
 from extract.datasets import ImageDataset, SplitIndex
+from extract.views import ViewImages, Views
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -135,6 +136,7 @@ class FileReport:
     resumed_from: int
     seconds: float
     status: str = "written"
+    views: int = 1
 
     @property
     def items_per_s(self) -> float:
@@ -148,7 +150,7 @@ class FileReport:
         return {"file": str(self.path), "modality": self.modality, "split": self.split,
                 "status": self.status, "rows": self.rows, "resumed_from": self.resumed_from,
                 "seconds": round(self.seconds, 3), "items_per_s": round(self.items_per_s, 1),
-                "megabytes": round(self.megabytes, 2)}
+                "megabytes": round(self.megabytes, 2), "views": self.views}
 
 
 # ------------------------------------------------------------------------------------------ splits
@@ -168,8 +170,8 @@ def limit_split(index: SplitIndex, limit: int | None) -> SplitIndex:
         caption_image_index=index.caption_image_index[keep])
 
 
-def image_attrs(encoder: ImageEncoder, index: SplitIndex) -> CacheAttrs:
-    """Cache attributes of an image encoder's features over a whole split."""
+def image_attrs(encoder: ImageEncoder, index: SplitIndex, views: Views = Views()) -> CacheAttrs:
+    """Cache attributes of an image encoder's features over a whole split (``views`` per photo)."""
     layout = encoder.layout
     return CacheAttrs(modality="image", encoder=encoder.name, weights_id=encoder.weights_id,
                       weights_hash=encoder.weights_hash, weights_note=encoder.weights_note,
@@ -177,7 +179,8 @@ def image_attrs(encoder: ImageEncoder, index: SplitIndex) -> CacheAttrs:
                       num_tokens=layout.num_tokens, prefix_tokens=layout.prefix_tokens,
                       grid=layout.grid, resolution=encoder.resolution,
                       preprocessing=encoder.preprocessing, dataset=index.dataset, split=index.split,
-                      extra={"images_root": str(index.images_root)})
+                      extra={"images_root": str(index.images_root)}, views=views.count,
+                      augmentation=views.record())
 
 
 def text_attrs(encoder: TextEncoder, index: SplitIndex) -> CacheAttrs:
@@ -228,25 +231,26 @@ def keep_existing(path: Path, attrs: CacheAttrs, rows: Sequence[str]) -> bool:
 
 
 def _target(modality: str, index: SplitIndex, encoder: ImageEncoder | TextEncoder, path: Path,
-            shard: Shard) -> tuple[Path, CacheAttrs, list[str]]:
+            shard: Shard, views: Views = Views()) -> tuple[Path, CacheAttrs, list[str]]:
     """This rank's file of ``path``, its attributes and its rows (image ids, or captions)."""
-    whole = image_attrs(encoder, index) if modality == "image" else text_attrs(encoder, index)
+    whole = (image_attrs(encoder, index, views) if modality == "image"
+             else text_attrs(encoder, index))
     start, stop = shard.bounds(whole.num_items)
     rows = index.image_ids if modality == "image" else index.captions
     return shard.path(path), shard.attrs(whole), list(rows[start:stop])
 
 
 def is_done(modality: str, index: SplitIndex, encoder: ImageEncoder | TextEncoder, path: Path,
-            shard: Shard = Shard()) -> bool:
+            shard: Shard = Shard(), views: Views = Views()) -> bool:
     """`keep_existing` for this rank's file of ``path``: call it for every file of a command before
     any work, so that a file of other work stops the command early."""
-    return keep_existing(*_target(modality, index, encoder, path, shard))
+    return keep_existing(*_target(modality, index, encoder, path, shard, views))
 
 
 def kept_report(path: Path, attrs: CacheAttrs) -> FileReport:
     """The report of a complete file of the same work, left as it is."""
     return FileReport(path, attrs.modality, attrs.split, attrs.num_items, attrs.num_items, 0.0,
-                      "kept")
+                      "kept", attrs.views)
 
 
 # ------------------------------------------------------------------------------------------ loops
@@ -304,10 +308,10 @@ def _progress(options: RunOptions, path: Path, total: int, done: int, unit: str)
 
 
 def extract_images(index: SplitIndex, encoder: ImageEncoder, path: Path, options: RunOptions,
-                   shard: Shard = Shard()) -> FileReport:
+                   shard: Shard = Shard(), views: Views = Views()) -> FileReport:
     """Write (or resume, or keep: `keep_existing`) the image cache of a split (this rank's shard of
-    it) at ``path``."""
-    (report,) = extract_image_layers(index, [encoder], [path], options, shard)
+    it) at ``path``, ``views`` per photo."""
+    (report,) = extract_image_layers(index, [encoder], [path], options, shard, views)
     return report
 
 
@@ -325,16 +329,18 @@ def check_shared_backbone(encoders: Sequence[ImageEncoder]) -> None:
 
 
 def extract_image_layers(index: SplitIndex, encoders: Sequence[ImageEncoder], paths: Sequence[Path],
-                         options: RunOptions, shard: Shard = Shard()) -> list[FileReport]:
+                         options: RunOptions, shard: Shard = Shard(),
+                         views: Views = Views()) -> list[FileReport]:
     """Write the image caches of several layers of one backbone in one pass over the photos: the
-    cache of ``encoders[i]`` (layer ``encoders[i].layer``) at ``paths[i]``.
+    cache of ``encoders[i]`` (layer ``encoders[i].layer``) at ``paths[i]``, ``views`` per photo
+    (`extract.views`; the backbone runs on every view, ``batch_size`` photos at a time).
 
     Each file is kept, resumed or written on its own terms (`keep_existing`); the pass starts at the
     lowest committed row of the unfinished files and a file already further on skips the rows it
     has. The first encoder runs the backbone once per batch (`ImageEncoder.forward_layers`).
     """
     check_shared_backbone(encoders)
-    targets = [_target("image", index, encoder, path, shard)
+    targets = [_target("image", index, encoder, path, shard, views)
                for encoder, path in zip(encoders, paths)]
     reports: dict[int, FileReport] = {}
     todo = []
@@ -349,14 +355,14 @@ def extract_image_layers(index: SplitIndex, encoders: Sequence[ImageEncoder], pa
                              "id_mapping.json beside the caption files and --images)")
         for i, report in zip(todo, _write_image_layers(index, [encoders[i] for i in todo],
                                                        [targets[i] for i in todo], options,
-                                                       shard)):
+                                                       shard, views)):
             reports[i] = report
     return [reports[i] for i in range(len(targets))]
 
 
 def _write_image_layers(index: SplitIndex, encoders: Sequence[ImageEncoder],
                         targets: Sequence[tuple[Path, CacheAttrs, list[str]]], options: RunOptions,
-                        shard: Shard) -> list[FileReport]:
+                        shard: Shard, views: Views) -> list[FileReport]:
     start, stop = shard.bounds(index.num_images)
     rel_paths = index.image_paths[start:stop]
     began = time.perf_counter()
@@ -366,7 +372,9 @@ def _write_image_layers(index: SplitIndex, encoders: Sequence[ImageEncoder],
                    for target, attrs, ids in targets]
         resumed = [writer.rows_written for writer in writers]
         done = min(resumed)
-        dataset = Subset(ImageDataset(index, encoders[0].transform), range(start + done, stop))
+        photos = (ViewImages(index, encoders[0].transform, views) if views.count > 1
+                  else ImageDataset(index, encoders[0].transform))
+        dataset = Subset(photos, range(start + done, stop))
         loader = DataLoader(dataset, batch_size=options.batch_size, num_workers=options.workers,
                             pin_memory=options.cuda, shuffle=False)
         to_host = _ToHost(options.device)
@@ -381,13 +389,20 @@ def _write_image_layers(index: SplitIndex, encoders: Sequence[ImageEncoder],
                     raise RuntimeError(f"batch starts at row {int(rows[0])}, expected "
                                        f"{start + writer.rows_written}")
                 if skip < len(tokens):
-                    writer.append(tokens[skip:])
+                    if views.count > 1:      # [B, V, T, D]: the centre view, then the others
+                        writer.append(tokens[skip:, 0], views=tokens[skip:, 1:])
+                    else:
+                        writer.append(tokens[skip:])
                 if which == len(writers) - 1:
                     bar.update(len(tokens))
 
             for rows, pixels in loader:
+                photos = len(pixels)
+                pixels = pixels.flatten(0, 1) if views.count > 1 else pixels
                 outs = first.forward_layers(pixels.to(options.device, non_blocking=True), encoders)
                 for which, out in enumerate(outs):
+                    if views.count > 1:
+                        out = out.unflatten(0, (photos, views.count))
                     for tokens, meta in to_host.push(out, (rows, which)):
                         write(tokens, meta)
             for tokens, meta in to_host.flush():
@@ -395,7 +410,7 @@ def _write_image_layers(index: SplitIndex, encoders: Sequence[ImageEncoder],
         finals = [writer.finish() for writer in writers]
     seconds = time.perf_counter() - began
     return [FileReport(final, "image", index.split, attrs.num_items, rows_done, seconds,
-                       "resumed" if rows_done else "written")
+                       "resumed" if rows_done else "written", views.count)
             for final, (_, attrs, _), rows_done in zip(finals, targets, resumed)]
 
 
@@ -480,7 +495,7 @@ def merge_split_shards(final: Path, overwrite: bool = False) -> FileReport:
     merged = merge_shards(shards, final, overwrite=overwrite)
     cache = open_cache(merged)
     return FileReport(merged, cache.attrs.modality, cache.attrs.split, len(cache), 0,
-                      time.perf_counter() - began, "merged")
+                      time.perf_counter() - began, "merged", cache.attrs.views)
 
 
 # ------------------------------------------------------------------------------------------ summary
@@ -494,14 +509,15 @@ def output_path(out: str | Path, dataset: str, split: str, modality: str, tag: s
 
 
 def format_summary(reports: Sequence[FileReport]) -> str:
-    """The summary table: file, status, rows, seconds, items/s, MB."""
-    header = (f"{'file':<56} {'status':<8} {'rows':>8} {'seconds':>9} {'items/s':>9} "
-              f"{'MB':>9}")
+    """The summary table: file, status, rows, views per row, seconds, items/s, MB."""
+    header = (f"{'file':<56} {'status':<8} {'rows':>8} {'views':>5} {'seconds':>9} "
+              f"{'items/s':>9} {'MB':>9}")
     lines = [header, "-" * len(header)]
     for r in reports:
         name = str(r.path) if len(str(r.path)) <= 56 else "..." + str(r.path)[-53:]
         status = f"{r.status}" if r.status != "resumed" else f"from {r.resumed_from}"
-        lines.append(f"{name:<56} {status:<8} {r.rows:>8} {r.seconds:>9.2f} "
+        views = r.views if r.modality == "image" else "-"
+        lines.append(f"{name:<56} {status:<8} {r.rows:>8} {views:>5} {r.seconds:>9.2f} "
                      f"{r.items_per_s:>9.1f} {r.megabytes:>9.1f}")
     return "\n".join(lines)
 

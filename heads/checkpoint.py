@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from cache.errors import CacheMismatchError, InputError
 from cache.store import CacheAttrs
@@ -83,6 +85,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                          f"{', '.join(map(str, READABLE_FORMATS))}")
     state["path"] = str(path)
     return state
+
+
+def note_centre_view(state: dict[str, Any], reader: str) -> None:
+    """Say on stderr that ``reader`` (``cli index``, ``cli explain``) encodes one view per photo,
+    the centre view, where the run of ``state`` trained on several (``image_views``)."""
+    views = int(state.get("image_views", 1))
+    if views > 1:
+        tqdm.write(f"note: {state['path']} was trained on {views} views per photo; {reader} "
+                   "encodes each photo once, as the centre view (the extraction's preprocessing)",
+                   file=sys.stderr)
 
 
 def head_from_checkpoint(state: dict[str, Any], image_cache: Any = None,

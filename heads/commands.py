@@ -17,7 +17,7 @@ import torch
 
 from cache.device import resolve_device
 from cache.errors import InputError
-from cache.store import MODALITIES, ImageCache, TextCache
+from cache.store import MODALITIES, ImageCache, TextCache, centre_view_note
 from heads.checkpoint import load_checkpoint
 from heads.config import (cache_paths, config_without_file, flatten, load_config,
                           parse_override)
@@ -181,6 +181,9 @@ def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str 
     """
     state = load_checkpoint(checkpoint)
     image_cache, text_cache, split = open_eval_caches(state, split, images, texts)
+    note = centre_view_note(image_cache, "eval")
+    if note:
+        click.echo(note, err=True)
     torch_device = resolve_device(device)
     model = create_model(state, image_cache, text_cache, photos=photos).to(torch_device)
     eval_cfg = state["config"]["eval"]

@@ -39,7 +39,8 @@ from cache.errors import InputError
 from cache.store import MODALITIES, default_cache_path
 from heads.distributed import GATHER_MODES
 from heads.eval.metrics import PROTOCOLS
-from heads.raw_inputs import CROP_SCALE, WORD_AUGMENT
+from extract.transforms import CROP_SCALE
+from heads.raw_inputs import WORD_AUGMENT
 from heads.registry import head_options
 from heads.sources import EPOCH_UNITS, list_sources, source_class
 

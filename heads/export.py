@@ -15,8 +15,8 @@ loads for that backbone:
   ``--backbone E --weights OUT``;
 - timm models (``--backbone timm``): a timm model folder as ``timm.models.save_for_hf`` writes it
   (``config.json`` + ``model.safetensors``), at the model's own input size (never resized to the
-  cache's resolution); ``cli extract --backbone timm --weights OUT``. EfficientNet-Lite0 runs on
-  timm and is written the same way (``--backbone timm``).
+  cache's resolution); ``cli extract --backbone timm --weights OUT``. EfficientNet-Lite0/2 run on
+  timm and are written the same way (``--backbone timm``).
 
 Every tensor a tail run did not tune (below layer K) is the original's, every tuned tensor the
 run's. Beside the

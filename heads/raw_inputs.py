@@ -8,7 +8,8 @@ of those caches are not read.
 
 Training augmentation, as in the references (VSE∞, LAPS, CADR, HREM):
 
-* images: ``RandomResizedCrop`` to the backbone's resolution, scale (0.6, 1), bicubic, then a
+* images (`extract.transforms.training_transform`, also what ``cli extract --views`` draws):
+  ``RandomResizedCrop`` to the backbone's resolution, scale (0.6, 1), bicubic, then a
   horizontal flip with probability 0.5 (torchvision.transforms.v2), then the backbone's
   normalisation; evaluation uses the extraction's preprocessing (``encoder.transform``);
 * captions (`WordPieceAugment`): each *word* (a piece and the ``##`` pieces after it; never
@@ -35,9 +36,7 @@ from cache.batch import IdsBatch, PixelBatch
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from extract.datasets import load_rgb
-from extract.transforms import ImageTransform
 
-CROP_SCALE = (0.6, 1.0)
 WORD_AUGMENT = 0.2
 WORD_SPLIT = (0.5, 0.1, 0.4)   # of a perturbed word: [MASK], random pieces, deleted
 
@@ -119,23 +118,6 @@ class CaptionIds:
 
 
 # ------------------------------------------------------------------------------------- photos
-
-
-def training_transform(transform: ImageTransform,
-                       crop_scale: tuple[float, float] = CROP_SCALE) -> Callable[[Image.Image], torch.Tensor]:
-    """The references' training augmentation at the resolution and normalisation of an
-    encoder's ``transform``: random resized crop (``crop_scale``), horizontal flip."""
-    from torchvision.transforms import InterpolationMode, v2
-
-    return v2.Compose([
-        v2.ToImage(),
-        v2.RandomResizedCrop(transform.size, scale=tuple(crop_scale),
-                             interpolation=InterpolationMode(transform.interpolation),
-                             antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(transform.mean), list(transform.std)),
-    ])
 
 
 def images_root(images: ImageCache, override: str | Path | None) -> Path:

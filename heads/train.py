@@ -51,8 +51,7 @@ from tqdm import tqdm
 from cache.datasets import EpochBatches, PairBatches, check_pairing, pair_loader, resolve_preload
 from cache.errors import InputError
 from cache.progress import progress_bar
-from cache.store import ImageCache, TextCache
-from cache.store import MODALITIES
+from cache.store import MODALITIES, ImageCache, TextCache, centre_view_note
 from heads.base import Progress
 from heads.checkpoint import (FORMAT_VERSION, check_features, feature_identity, load_checkpoint,
                               load_pretrained_parts, rng_state, save_checkpoint, set_rng_state)
@@ -257,6 +256,15 @@ class Trainer:
         data = self.config["data"]
         self.train_images, self.train_texts = open_split(self.config, data["train_split"])
         self.dev_images, self.dev_texts = open_split(self.config, data["dev_split"])
+        if self.train_images.num_views > 1:
+            use = ("the e2e image side reads the photos, not the views" if
+                   data["image_source"] == "e2e" else "training reads another one of each photo "
+                   "every epoch")
+            _note(f"note: {self.train_images.path} holds {self.train_images.num_views} views "
+                  f"per photo; {use}; dev reads the centre view", self.dist)
+        dev_note = centre_view_note(self.dev_images, "dev evaluation")
+        if dev_note:
+            _note(dev_note, self.dist)
         for side, train_cache, dev_cache in (("image", self.train_images, self.dev_images),
                                              ("text", self.train_texts, self.dev_texts)):
             check_features(feature_identity(train_cache), dev_cache,
@@ -382,6 +390,7 @@ class Trainer:
             "text_spec": self.head.text_spec.to_dict(),
             "features": {"image": feature_identity(self.train_images),
                          "text": feature_identity(self.train_texts)},
+            "image_views": self.train_images.num_views,
             "model": self.head.state_dict(),
             "sources": self.model.tuned_states(),
             "criterion": self.criterion.state_dict(),

@@ -52,7 +52,7 @@ from cache.store import ImageCache, ImageCacheWriter, partial_path
 from extract.datasets import SplitIndex
 from extract.encoders import ImageEncoder
 from extract.runner import image_attrs
-from heads.checkpoint import feature_identity, load_checkpoint
+from heads.checkpoint import feature_identity, load_checkpoint, note_centre_view
 from heads.eval.scoring import encode_cache
 from search import ann
 from search.folder import (
@@ -304,6 +304,7 @@ def build_index(images: str | Path, checkpoint: str | Path, out: str | Path, kin
     root, out = Path(images).resolve(), Path(out)
     check_out(out)
     state = load_checkpoint(checkpoint)
+    note_centre_view(state, "cli index")
     mode = embedding_mode(state)
     scan = scan_folder(root, follow_links)
     if not scan.photos:

@@ -16,7 +16,7 @@ from cache.batch import IdsBatch, InputBatch, PixelBatch
 from cache.errors import InputError
 from extract.recorded import recorded_encoder
 from extract.datasets import load_rgb
-from heads.checkpoint import load_checkpoint
+from heads.checkpoint import load_checkpoint, note_centre_view
 from heads.model import RetrievalModel, create_model, recorded_cache
 from viz.overlay import as_seen
 
@@ -43,6 +43,7 @@ def load_pair(checkpoint: str | Path, image_path: str | Path, caption: str,
         raise InputError("--caption is empty")
     checkpoint = str(checkpoint)
     state = load_checkpoint(checkpoint)
+    note_centre_view(state, "cli explain")
     image_features, text_features = state["features"]["image"], state["features"]["text"]
     if image_features.get("grid") is None:
         raise InputError(f"{checkpoint}: the image side of head {state['head_name']!r} reads "

@@ -16,8 +16,9 @@ from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from extract.encoders import group_depths
 from heads.base import FeatureSpec
+from extract.transforms import training_transform
 from heads.raw_inputs import (CaptionIds, PhotoFiles, WordPieceAugment, id_batches, images_root,
-                              photo_batches, training_transform)
+                              photo_batches)
 from heads.sources.registry import SourceOptions, TokenSource, register_source
 
 if TYPE_CHECKING:

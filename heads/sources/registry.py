@@ -50,7 +50,8 @@ from cache.datasets import token_batches
 from cache.errors import InputError
 from cache.store import MODALITIES, ImageCache, TextCache
 from heads.base import FeatureSpec
-from heads.raw_inputs import CROP_SCALE, WORD_AUGMENT
+from extract.transforms import CROP_SCALE
+from heads.raw_inputs import WORD_AUGMENT
 
 if TYPE_CHECKING:
     from extract.encoders import ImageEncoder, TextEncoder

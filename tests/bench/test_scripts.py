@@ -55,6 +55,12 @@ def test_extract_layers(shared_data, tmp_path):
     assert re.search(r"ratio one pass / per layer = \d+\.\d+", out), out
 
 
+def test_extract_views(shared_data, tmp_path):
+    out = run_bench("extract.py", "--limit", "4", "--batch-size", "2", "--workers", "0",
+                    "--repeats", "1", "--device", "cpu", "--views", "3")
+    assert re.search(r"ratio 3 views / one view = \d+\.\d+", out), out
+
+
 def test_train_from_cache(shared_data):
     out = run_bench("train_from_cache.py", "--images", "8", "--batch-size", "4", "--steps", "1",
                     "--workers", "0", "--embed-dim", "8", "--threads", "1")

@@ -1,6 +1,8 @@
-"""The caption-indexed pair loader: epoch order, batch contents, padding invariance, token drop."""
+"""The caption-indexed pair loader: epoch order, batch contents, padding invariance, token drop,
+the view of each photo read from a cache of several views."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -8,9 +10,10 @@ import pytest
 import torch
 
 from cache.datasets import (EpochBatches, PairBatches, TokenDrop, caption_batches,
-                            one_caption_per_image, pair_loader, resolve_preload)
+                            one_caption_per_image, pair_loader, resolve_preload, split_bytes,
+                            view_of)
 from cache.errors import InputError
-from cache.store import ImageCache, TextCache
+from cache.store import ImageCache, ImageCacheWriter, TextCache
 from tests.heads.synthetic_caches import write_split
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -193,3 +196,57 @@ def test_preload_choice(caches: tuple[ImageCache, TextCache]) -> None:
     assert resolve_preload("none", images, texts, cpu)[0] == "none"
     with pytest.raises(InputError, match="preload"):
         resolve_preload("gpu", images, texts, cpu)
+
+
+# ------------------------------------------------------------------------------ views
+
+
+def test_each_epoch_takes_another_view_of_each_photo() -> None:
+    rows = np.arange(200)
+    epochs = np.stack([view_of(5, epoch, rows, 4) for epoch in range(4)])
+    assert (np.sort(epochs, axis=0) == np.arange(4)[:, None]).all()  # all 4 views in 4 epochs
+    assert (epochs[1] != epochs[0]).all()                             # another one each epoch
+    assert len(np.unique(epochs[0])) == 4                             # photos out of step
+    np.testing.assert_array_equal(view_of(5, 2, rows, 4), epochs[2])
+    assert not np.array_equal(view_of(6, 0, rows, 4), epochs[0])      # per seed
+    np.testing.assert_array_equal(view_of(5, 3, rows, 1), np.zeros(200))
+
+
+@pytest.fixture(scope="module")
+def views_cache(caches: tuple[ImageCache, TextCache], tmp_path_factory) -> ImageCache:
+    """The train image cache with 3 views per photo: view v = the tokens + v (padding too)."""
+    images, _ = caches
+    tokens, lengths = images.read(np.arange(len(images)))
+    attrs = dataclasses.replace(images.attrs, views=3, augmentation={"seed": 0})
+    path = tmp_path_factory.mktemp("views") / "image-views.h5"
+    with ImageCacheWriter(path, attrs, images.ids, images.paths) as writer:
+        writer.append(tokens, lengths, views=np.stack([tokens + 1, tokens + 2], axis=1))
+        writer.finish()
+    return ImageCache(path)
+
+
+@pytest.mark.parametrize("preload", ["none", "ram"])
+def test_training_reads_the_view_of_the_epoch(caches: tuple[ImageCache, TextCache],
+                                              views_cache: ImageCache, preload: str) -> None:
+    images, texts = caches
+    data = PairBatches(views_cache, texts, seed=4, preload=preload)
+    rows = np.array([7, 3, 8, 40, 2, 9])        # 7, 8 and 9 share image 1
+    seen = []
+    for epoch in range(3):
+        batch, _, image_rows = data[(epoch, rows)]
+        views = view_of(4, epoch, image_rows.numpy(), 3)
+        centre, _ = images.read(image_rows.numpy())
+        for i, (row, view) in enumerate(zip(image_rows.tolist(), views)):
+            n = int(images.lengths[row])
+            expected = torch.from_numpy(centre[i, :n].astype(np.float32) + view)
+            torch.testing.assert_close(_valid(batch, i).float(), expected.half().float())
+        assert len(set(views[[0, 2, 5]])) == 1  # one view per photo in an epoch
+        seen.append(views)
+    assert (np.sort(np.stack(seen), axis=0) == np.arange(3)[:, None]).all()
+
+
+def test_preload_counts_every_view(caches: tuple[ImageCache, TextCache],
+                                   views_cache: ImageCache) -> None:
+    images, texts = caches
+    assert split_bytes(views_cache, texts) - split_bytes(images, texts) == \
+        2 * int(np.prod(images.tokens.shape)) * 2

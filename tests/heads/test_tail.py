@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from cache.datasets import view_of
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from extract.tails import tail_from_cache
@@ -219,3 +220,44 @@ def test_a_cnn_tail_gives_the_last_layers_tokens_to_the_head(world: TailWorld,
     assert model.head.image_spec.dim == spec["dim"]
     code, output = run_cli("eval", "--checkpoint", run / "best.pt", "--split", "test")
     assert code == 0 and "rsum" in output, output
+
+
+def test_a_tail_trains_on_another_view_each_epoch_and_eval_reads_the_centre_view(
+        world: TailWorld, tmp_path: Path) -> None:
+    """``cli extract --views 3`` at layer K: the train split holds 3 views, dev the centre view;
+    the tail reads another view of each photo each epoch, the run records the views, and eval
+    of the train split reads the centre view and says so."""
+    tag = f"dinov2_l{LAYER}_v3"
+    world.extract("--layer", LAYER, "--text-layer", LAYER, "--tag", tag, "--text-tag",
+                  f"bert_l{LAYER}", "--views", 3, "--split", "train,dev", out=tmp_path / "features")
+    for split in ("train", "dev"):                     # the text caches of the world
+        text = world.features / DATASET / split / f"text-bert_l{LAYER}.h5"
+        target = tmp_path / "features" / DATASET / split / text.name
+        target.unlink()
+        target.symlink_to(text)
+    sets = [s for s in tail_overrides(world, "tail", image_tag=tag)
+            if not s.startswith("data.features=")] + [f"data.features={tmp_path / 'features'}"]
+    trainer = Trainer(load_config(None, sets), tmp_path / "run", show_progress=False)
+    assert trainer.train_images.num_views == 3 and trainer.dev_images.num_views == 1
+    assert isinstance(trainer.model.image_source, TailTokens)
+    rows = np.arange(0, 400, 5)                        # caption 0 of each of the 80 photos
+    photos = np.asarray(trainer.train_texts.image_index)[rows]
+    epochs = [trainer.dataset[(epoch, rows)][0].tokens for epoch in range(3)]
+    views = np.stack([view_of(trainer.config["run"]["seed"], epoch, photos, 3)
+                      for epoch in range(3)])
+    assert (np.sort(views, axis=0) == np.arange(3)[:, None]).all()   # every view once in 3
+    for epoch, tokens in enumerate(epochs):
+        expected, _ = trainer.train_images.read_views(photos, views[epoch])
+        assert torch.equal(tokens, torch.from_numpy(expected).float())
+    for a, b in ((0, 1), (1, 2), (0, 2)):
+        assert not torch.equal(epochs[a], epochs[b])
+
+    run = tmp_path / "cli-run"
+    code, output = train_cli(run, sets)
+    assert code == 0, output
+    assert "holds 3 views per photo; training reads another one of each photo every epoch" in output
+    assert load_checkpoint(run / "best.pt")["image_views"] == 3
+    code, output = run_cli("eval", "--checkpoint", run / "best.pt", "--split", "train",
+                           "--device", "cpu")
+    assert code == 0, output
+    assert "holds 3 views per photo; eval reads the centre view (view 0) only" in output
