@@ -21,6 +21,7 @@ a portrait photo is decoded upright.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import torch
 from PIL import Image, ImageOps
 
 from cache.errors import InputError
+from extract.tar_members import read_member
 
 CAPTIONS_PER_IMAGE = 5
 MAPPING_FILE = "id_mapping.json"
@@ -190,9 +192,11 @@ class ImageDataset(torch.utils.data.Dataset):
 
 def load_rgb(path: str | Path) -> Image.Image:
     """Decode an image fully, turn it upright by its EXIF orientation and convert it to RGB;
-    `ImageDecodeError` names the file on failure."""
+    `ImageDecodeError` names the file on failure. ``path`` may also name a member of a tar shard
+    (``shard.tar/key.jpg``, `extract.tar_members`)."""
     try:
-        with Image.open(path) as image:
+        source = path if os.path.isfile(path) else io.BytesIO(read_member(path))
+        with Image.open(source) as image:
             image.load()
             return _to_rgb(ImageOps.exif_transpose(image))
     except FileNotFoundError:

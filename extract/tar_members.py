@@ -1,0 +1,71 @@
+"""Photos inside WebDataset tar shards, addressed as paths: ``<folder>/000001.tar/0001.jpg`` is the
+member ``0001.jpg`` of the shard ``<folder>/000001.tar``.
+
+Caches of a WebDataset record their photos this way, so extraction, e2e training and
+``cli eval --photos`` read them with the same `extract.datasets.load_rgb` as loose files. A shard's
+member table (name -> data offset and size) is read once per process (keyed by the file's size
+and modification time, so a rewritten shard is read again) and a photo is one seek and one read.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import tarfile
+from pathlib import Path
+
+SHARD_SUFFIX = ".tar"
+
+
+def split_member(path: str | Path) -> tuple[Path, str] | None:
+    """``(shard, member name)`` if ``path`` runs through an existing ``.tar`` file, else None."""
+    parts = Path(path).parts
+    for cut in range(len(parts) - 1, 0, -1):
+        if parts[cut - 1].endswith(SHARD_SUFFIX):
+            shard = Path(*parts[:cut])
+            if shard.is_file():
+                return shard, "/".join(parts[cut:])
+    return None
+
+
+def member_exists(path: str | Path) -> bool:
+    """Whether ``path`` names a complete file member of a tar shard."""
+    found = split_member(path)
+    if found is None:
+        return False
+    try:
+        return found[1] in _members_of(found[0])
+    except OSError:
+        return False
+
+
+def read_member(path: str | Path) -> bytes:
+    """The bytes of the shard member ``path`` names; FileNotFoundError if there is none, OSError
+    if the shard cannot be read or ends inside the member."""
+    found = split_member(path)
+    if found is None:
+        raise FileNotFoundError(path)
+    shard, name = found
+    members = _members_of(shard)
+    if name not in members:
+        raise FileNotFoundError(path)
+    offset, size = members[name]
+    with open(shard, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise OSError(f"{shard}: member {name!r} is truncated ({len(data)} of {size} bytes)")
+    return data
+
+
+def _members_of(shard: Path) -> dict[str, tuple[int, int]]:
+    stat = os.stat(shard)
+    return _member_table(str(shard), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _member_table(shard: str, size: int, mtime_ns: int) -> dict[str, tuple[int, int]]:
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            return {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
+    except tarfile.TarError as err:
+        raise OSError(f"{shard}: not a readable tar shard ({err})") from None
