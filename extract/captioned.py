@@ -19,7 +19,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -28,7 +27,7 @@ import numpy as np
 
 from cache.errors import InputError
 from extract.datasets import SplitIndex
-from extract.tar_members import member_exists
+from extract.tar_members import photo_exists
 
 IMAGE_KEYS = ("image", "filepath", "file_name", "image_path", "file", "path")
 CAPTION_KEYS = ("caption", "text", "title", "captions")
@@ -304,6 +303,15 @@ def group_rows(rows: list[CaptionRow], dataset: str, splits: list[str], images_r
     return LoadedSplits(indexes, skipped)
 
 
-def photo_exists(path: Path) -> bool:
-    """Whether a photo file exists: a file, or a member of a ``.tar`` shard (``x.tar/key.jpg``)."""
-    return os.path.isfile(path) or member_exists(path)
+def write_csv(index: SplitIndex, path: str | Path) -> Path:
+    """Write a split as a CSV of (``image``, ``caption``) rows, photo paths relative to its images
+    folder (what ``--dataset csv --images <that folder>`` reads back)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption"])
+        writer.writerows((index.image_paths[int(row)], text)
+                         for text, row in zip(index.captions, index.caption_image_index))
+    return path
+

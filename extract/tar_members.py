@@ -27,6 +27,11 @@ def split_member(path: str | Path) -> tuple[Path, str] | None:
     return None
 
 
+def photo_exists(path: str | Path) -> bool:
+    """Whether a photo exists: a file, or a member of a tar shard (``x.tar/key.jpg``)."""
+    return os.path.isfile(path) or member_exists(path)
+
+
 def member_exists(path: str | Path) -> bool:
     """Whether ``path`` names a complete file member of a tar shard."""
     found = split_member(path)

@@ -16,6 +16,7 @@ need a second extraction loop for the same result and one more dependency.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from typing import Any
 from cache.errors import InputError
 from extract.captioned import (CAPTION_KEYS, SPLIT_ALIASES, CaptionRow, LoadedSplits,
                                TableOptions, group_rows)
+from extract.datasets import SplitIndex
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -190,3 +192,32 @@ def load_wds(values: tuple[str, ...], name: str, splits: list[str],
                         check_photos=False)
     loaded.skipped[:0] = skipped
     return loaded
+
+
+def write_shards(index: SplitIndex, folder: str | Path, per_shard: int = 1000,
+                 prefix: str = "") -> str:
+    """Write the photos of a split and their captions as WebDataset shards (``<key>.<ext>`` +
+    ``<key>.json`` with a ``captions`` list, as img2dataset writes them) into ``folder``; returns
+    the brace pattern of the shards for ``--data-path``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    captions: list[list[str]] = [[] for _ in range(index.num_images)]
+    for text, row in zip(index.captions, index.caption_image_index):
+        captions[int(row)].append(text)
+    count = max(1, -(-index.num_images // per_shard))
+    width = max(6, len(str(count - 1)))
+    for shard in range(count):
+        with tarfile.open(folder / f"{prefix}{shard:0{width}d}.tar", "w") as tar:
+            for row in range(shard * per_shard, min((shard + 1) * per_shard, index.num_images)):
+                key = f"{row:09d}"
+                extension = Path(index.image_paths[row]).suffix.lower() or ".jpg"
+                tar.add(index.image_file(row), arcname=f"{key}{extension}")
+                _add_bytes(tar, f"{key}.json",
+                           json.dumps({"captions": captions[row]}).encode("utf-8"))
+    return str(folder / f"{prefix}{{{0:0{width}d}..{count - 1:0{width}d}}}.tar")
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
