@@ -304,14 +304,14 @@ def group_rows(rows: list[CaptionRow], dataset: str, splits: list[str], images_r
 
 
 def write_csv(index: SplitIndex, path: str | Path) -> Path:
-    """Write a split as a CSV of (``image``, ``caption``) rows, photo paths relative to its images
-    folder (what ``--dataset csv --images <that folder>`` reads back)."""
+    """Write a split as a CSV of (``image``, ``caption``, ``split``) rows, photo paths relative to
+    its images folder (what ``--dataset csv --images <that folder>`` reads back)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", "caption"])
-        writer.writerows((index.image_paths[int(row)], text)
+        writer.writerow(["image", "caption", SPLIT_KEY])
+        writer.writerows((index.image_paths[int(row)], text, index.split)
                          for text, row in zip(index.captions, index.caption_image_index))
     return path
 
