@@ -132,3 +132,55 @@ def test_an_e2e_run_reads_the_photos_inside_webdataset_shards(own, tmp_path):
     assert code == 0, output
     assert ".tar/" in ImageCache(shards.features / NAME / "test" / "image-dinov2.h5").paths[0]
     evaluated(run)
+
+
+def test_the_karpathy_layout_as_a_csv_gives_the_same_caches_and_numbers(own, tmp_path):
+    """Five captions per photo, read from the f30k layout and from a CSV of the same rows: the
+    same caches, and ``cli eval`` reads the same recall from either (one code path)."""
+    import numpy as np
+
+    from cache.store import open_cache
+    from extract.captioned import write_csv
+    from extract.datasets import load_split
+    from extract.demo_data import generate_demo_data
+
+    data = tmp_path / "demo"
+    generate_demo_data(data, num_images=36, side=32, seed=5)
+    lines = []
+    for split in ("train", "dev", "test"):
+        part = write_csv(load_split("f30k", data, split, data / "images"), tmp_path / f"{split}.csv")
+        lines += part.read_text(encoding="utf-8").splitlines()[0 if not lines else 1:]
+    (tmp_path / "all.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    common = ["--backbone", "dinov2", "--weights", own.models["dinov2"], "--resolution", 32,
+              "--text-encoder", "bert", "--text-weights", own.models["bert"], "--max-length", 48,
+              "--out", tmp_path / "features", "--device", "cpu", "--workers", 0]
+    for source in (["--dataset", "f30k", "--data-path", data],
+                   ["--dataset", "csv", "--data-path", tmp_path / "all.csv", "--name", "as_csv"]):
+        code, output = run_cli("extract", *source, "--images", data / "images", *common)
+        assert code == 0, output
+    for split in ("train", "dev", "test"):
+        for name in ("image-dinov2.h5", "text-bert.h5"):
+            a = open_cache(tmp_path / "features" / "f30k" / split / name)
+            b = open_cache(tmp_path / "features" / "as_csv" / split / name)
+            np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+            if name.startswith("text"):
+                assert a.captions == b.captions
+                np.testing.assert_array_equal(a.image_index, b.image_index)
+
+    run = tmp_path / "run"
+    sets = [s.replace(f"data.features={own.features}", f"data.features={tmp_path / 'features'}")
+            .replace(f"data.dataset={NAME}", "data.dataset=f30k")
+            for s in own.overrides("cache", "cache", ("dinov2", "bert"))]
+    code, output = train_cli(run, sets)
+    assert code == 0, output
+    code, output = run_cli("eval", "--checkpoint", run / "best.pt", "--device", "cpu", "--json",
+                           tmp_path / "f30k.json")
+    assert code == 0 and "5 captions per photo" in output, output
+    csv_test = tmp_path / "features" / "as_csv" / "test"
+    code, output = run_cli("eval", "--checkpoint", run / "best.pt", "--device", "cpu", "--images",
+                           csv_test / "image-dinov2.h5", "--texts", csv_test / "text-bert.h5",
+                           "--json", tmp_path / "csv.json")
+    assert code == 0, output
+    reports = [json.loads((tmp_path / f"{n}.json").read_text()) for n in ("f30k", "csv")]
+    assert reports[0]["metrics"] == reports[1]["metrics"]
+    assert reports[0]["captions_per_image"] == {"min": 5, "max": 5, "mean": 5.0}
