@@ -11,6 +11,10 @@ A split lives in ``data_path`` as three files:
   ``val2014/``. Without this file (caption-only data such as the Karpathy COCO files) the split still
   loads for text extraction, with ``image_paths = None``.
 
+Your own captioned photos (CSV, TSV, JSONL, imagefolder, WebDataset shards; any number of captions
+per photo) load into the same `SplitIndex` through `extract.captioned` and `extract.wds`;
+`extract.formats` is the registry of every ``--dataset`` value.
+
 `load_split` reads and validates a split into a `SplitIndex`; `ImageDataset` decodes its images with
 PIL in DataLoader workers. Every problem a user can fix raises `InputError` with one line naming the
 file and line or row. Decoding is strict: truncated files fail (``LOAD_TRUNCATED_IMAGES`` is never
