@@ -3,14 +3,16 @@ member ``0001.jpg`` of the shard ``<folder>/000001.tar``.
 
 Caches of a WebDataset record their photos this way, so extraction, e2e training and
 ``cli eval --photos`` read them with the same `extract.datasets.load_rgb` as loose files. A shard's
-member table (name -> data offset and size) is read once per process (keyed by the file's size
-and modification time, so a rewritten shard is read again) and a photo is one seek and one read.
+member table (name -> data offset and size) is read once per process, or handed over by the scan
+that checked the shard (`remember`, inherited by forked DataLoader workers); it is keyed by the
+file's size and modification time, so a rewritten shard is read again. A photo is one seek and one
+read.
 """
 from __future__ import annotations
 
-import functools
 import os
 import tarfile
+from collections import OrderedDict
 from pathlib import Path
 
 SHARD_SUFFIX = ".tar"
@@ -62,15 +64,34 @@ def read_member(path: str | Path) -> bytes:
     return data
 
 
+def remember(shard: str | Path, table: dict[str, tuple[int, int]]) -> None:
+    """Keep the member table of ``shard`` (name -> data offset and size) a full read of it just
+    produced, so that this process and the DataLoader workers it forks need not read it again."""
+    stat = os.stat(shard)
+    _put((str(shard), stat.st_size, stat.st_mtime_ns), table)
+
+
 def _members_of(shard: Path) -> dict[str, tuple[int, int]]:
     stat = os.stat(shard)
-    return _member_table(str(shard), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=16)
-def _member_table(shard: str, size: int, mtime_ns: int) -> dict[str, tuple[int, int]]:
+    key = (str(shard), stat.st_size, stat.st_mtime_ns)
+    if key in _TABLES:
+        _TABLES.move_to_end(key)
+        return _TABLES[key]
     try:
         with tarfile.open(shard, "r:") as tar:
-            return {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
+            table = {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
     except tarfile.TarError as err:
         raise OSError(f"{shard}: not a readable tar shard ({err})") from None
+    _put(key, table)
+    return table
+
+
+def _put(key: tuple[str, int, int], table: dict[str, tuple[int, int]]) -> None:
+    _TABLES[key] = table
+    _TABLES.move_to_end(key)
+    while len(_TABLES) > MAX_TABLES:
+        _TABLES.popitem(last=False)
+
+
+MAX_TABLES = 1024       # shards whose member tables a process keeps (~100 bytes per member)
+_TABLES: OrderedDict[tuple[str, int, int], dict[str, tuple[int, int]]] = OrderedDict()

@@ -29,6 +29,7 @@ from cache.errors import InputError
 from extract.captioned import (CAPTION_KEYS, SPLIT_ALIASES, CaptionRow, LoadedSplits,
                                TableOptions, group_rows)
 from extract.datasets import SplitIndex
+from extract.tar_members import remember
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -98,6 +99,7 @@ def scan_shard(shard: Path) -> list[Sample]:
     shard is truncated or damaged or a sample has no caption."""
     size = os.path.getsize(shard)
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    table: dict[str, tuple[int, int]] = {}
     last = "(none)"
     try:
         with tarfile.open(shard, "r:") as tar:
@@ -109,12 +111,15 @@ def scan_shard(shard: Path) -> list[Sample]:
                                      f"({max(0, size - member.offset_data)} of {member.size} "
                                      "bytes); rewrite or re-download the shard")
                 last = member.name
+                table[member.name] = (member.offset_data, member.size)
                 folder, _, base = member.name.rpartition("/")
                 stem, dot, extension = base.partition(".")
                 if dot and not stem.startswith("__"):
                     key = f"{folder}/{stem}" if folder else stem
                     groups.setdefault(key, {})[extension.lower()] = member
-            return [_sample(shard, tar, key, members) for key, members in groups.items()]
+            samples = [_sample(shard, tar, key, members) for key, members in groups.items()]
+        remember(shard.resolve(), table)
+        return samples
     except tarfile.TarError as err:
         raise InputError(f"{shard}: truncated or damaged after member {last!r} ({err}); rewrite "
                          "or re-download the shard") from None
