@@ -100,8 +100,9 @@ def _layer_tags(tag: str, layers: list[int]) -> list[str]:
                    "file's folder).")
 @click.option("--split", "split_args", multiple=True, default=("train,dev,test",),
               show_default=True, help="Split(s): repeatable or comma-separated.")
-@click.option("--name", help="Your own photos: the output folder under --out, the --dataset of "
-                             "train-head (default: the data file's or folder's name).")
+@click.option("--name", help="The output folder under --out, the --dataset of train-head "
+                             "(default: f30k/coco/f8k: that name; your own photos: the data "
+                             "file's or folder's name).")
 @click.option("--image-key", help="Your own photos: the photo path column (default: the first of "
                                   "image, filepath, file_name, image_path, file, path).")
 @click.option("--caption-key", help="Your own photos: the caption column (default: the first of "

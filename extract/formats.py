@@ -40,7 +40,6 @@ class DatasetRequest:
 class DatasetFormat:
     """One ``--dataset`` value: what it reads and where its caches go."""
 
-    help: str
     default_name: Callable[[str, DatasetRequest], str]
     loader: Callable[[str, str, DatasetRequest], LoadedSplits]
 
@@ -57,7 +56,7 @@ class DatasetFormat:
 
 
 def _karpathy(dataset: str, name: str, request: DatasetRequest) -> LoadedSplits:
-    given = {"--name": request.name, "--image-key": request.table.image_key,
+    given = {"--image-key": request.table.image_key,
              "--caption-key": request.table.caption_key,
              "--split-ratio": request.table.split_ratio,
              "--skip-missing": request.table.skip_missing}
@@ -127,17 +126,13 @@ def _folder_name(dataset: str, request: DatasetRequest) -> str:
 
 
 FORMATS: dict[str, DatasetFormat] = {
-    **{name: DatasetFormat(help, lambda dataset, request: dataset, _karpathy)
-       for name, help in list_datasets().items()},
-    "csv": DatasetFormat("a CSV file, one (photo, caption) row each; photos under --images",
-                         _file_stem, _table("csv")),
-    "tsv": DatasetFormat("a tab-separated file, as csv", _file_stem, _table("tsv")),
-    "jsonl": DatasetFormat("a JSON-lines file, one object per row (a caption may be a list)",
-                           _file_stem, _table("jsonl")),
-    "imagefolder": DatasetFormat("a Hugging Face imagefolder: photos with metadata.jsonl / .csv "
-                                 "(file_name, text)", _folder_name, _imagefolder),
-    "wds": DatasetFormat("WebDataset tar shards (image + .txt or .json captions)", _wds_name,
-                         _wds),
+    **{name: DatasetFormat(lambda dataset, request: dataset, _karpathy)
+       for name in list_datasets()},                  # the Karpathy layouts: f30k, coco, f8k
+    "csv": DatasetFormat(_file_stem, _table("csv")),  # one (photo, caption) row each
+    "tsv": DatasetFormat(_file_stem, _table("tsv")),
+    "jsonl": DatasetFormat(_file_stem, _table("jsonl")),  # a caption may be a list
+    "imagefolder": DatasetFormat(_folder_name, _imagefolder),  # Hugging Face metadata files
+    "wds": DatasetFormat(_wds_name, _wds),            # WebDataset tar shards
 }
 
 
