@@ -266,3 +266,19 @@ def test_options_that_do_not_fit_the_dataset_are_refused(example, tiny, tmp_path
     code, message = run_cli("extract", "--text-encoder", "bert", "--dataset", "parquet",
                             "--data-path", tmp_path)
     assert code == 2 and "available: f30k, coco, f8k, csv, tsv, jsonl, imagefolder, wds" in message
+
+
+def test_the_example_script_writes_photos_and_a_csv(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.extract.cli_helpers import REPO_ROOT
+
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "example_captions.py"),
+                           str(tmp_path / "mine"), "--count", "6", "--size", "32"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{tmp_path / 'mine' / 'captions.csv'}: 15 captions of 6 photos")
+    rows = rows_of(tmp_path / "mine")
+    assert rows[0] == ["filepath", "title"] and len(rows) == 1 + sum(1 + i % 5 for i in range(6))
+    assert all((tmp_path / "mine" / "photos" / photo).is_file() for photo, _ in rows[1:])
