@@ -278,7 +278,7 @@ def test_the_example_script_writes_photos_and_a_csv(tmp_path):
                            str(tmp_path / "mine"), "--count", "6", "--size", "32"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(f"{tmp_path / 'mine' / 'captions.csv'}: 15 captions of 6 photos")
+    assert done.stdout.startswith(f"{tmp_path / 'mine' / 'captions.csv'}: 16 captions of 6 photos")
     rows = rows_of(tmp_path / "mine")
     assert rows[0] == ["filepath", "title"] and len(rows) == 1 + sum(1 + i % 5 for i in range(6))
     assert all((tmp_path / "mine" / "photos" / photo).is_file() for photo, _ in rows[1:])
