@@ -20,10 +20,19 @@ alternating likewise; the ratio printed last is views time / one-view time (N is
 running the backbone on every view; above it, the augmentation's decoding cost):
 
     python bench/extract.py --backbone efficientnet_lite0 --views 4
+With ``--formats f8k,csv,wds`` it measures instead the same photos read from each dataset format:
+the limited split is first written (not timed) into a temp folder as the f8k layout, as a CSV
+(``image,caption,split``) and as WebDataset shards (``--per-shard`` photos each); then passes
+alternate over the formats, each pass reading the format as ``cli extract`` does (parse, check every
+photo or scan every shard) and writing the image cache; the best pass per format counts and the
+rows/s ratio of each format against f8k is printed:
+
+    python bench/extract.py --limit 1000 --formats f8k,csv,wds
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -37,7 +46,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from extract.backbones import create_image_encoder, create_image_encoders  # noqa: E402
-from extract.datasets import ImageDataset, load_split  # noqa: E402
+from extract.captioned import write_csv  # noqa: E402
+from extract.datasets import MAPPING_FILE, ImageDataset, SplitIndex, load_split  # noqa: E402
+from extract.formats import DatasetRequest, dataset_format  # noqa: E402
+from extract.wds import write_shards  # noqa: E402
 from cache.device import resolve_device  # noqa: E402
 from extract.runner import (RunOptions, extract_image_layers, extract_images,  # noqa: E402
                            limit_split)
@@ -125,6 +137,75 @@ def compare_views(index, args, options: RunOptions) -> None:
     print(f"all passes (s): one view {[round(t, 2) for t in one]}, {args.views} views "
           f"{[round(t, 2) for t in several]}")
     print(f"ratio {args.views} views / one view = {min(several) / min(one):.3f}")
+def write_karpathy(index: SplitIndex, folder: Path) -> Path:
+    """The split in the f8k layout ({split}_caps.txt, {split}_ids.txt, id_mapping.json)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = [index.image_ids[int(row)] for row in index.caption_image_index]
+    (folder / f"{index.split}_caps.txt").write_text("\n".join(index.captions) + "\n", "utf-8")
+    (folder / f"{index.split}_ids.txt").write_text("\n".join(ids) + "\n", "utf-8")
+    mapping = dict(zip(index.image_ids, index.image_paths))
+    (folder / MAPPING_FILE).write_text(json.dumps(mapping), "utf-8")
+    return folder
+
+
+def format_requests(index: SplitIndex, args, tmp: Path) -> dict[str, tuple[str, DatasetRequest]]:
+    """``--dataset`` value and request of each format of ``--formats``, written into ``tmp``."""
+    split, root = index.split, str(index.images_root)
+    writers = {
+        "f8k": lambda: (args.dataset, DatasetRequest(
+            (str(write_karpathy(index, tmp / "f8k")),), [split], root)),
+        "csv": lambda: ("csv", DatasetRequest((str(write_csv(index, tmp / "pairs.csv")),),
+                                              [split], root)),
+        "wds": lambda: ("wds", DatasetRequest(
+            (f"{split}={write_shards(index, tmp / 'shards', args.per_shard)}",), [split])),
+    }
+    names = [name.strip() for name in args.formats.split(",")]
+    unknown = [name for name in names if name not in writers]
+    if unknown or "f8k" not in names:
+        sys.exit(f"--formats {args.formats!r}: choose among {', '.join(writers)}, f8k included")
+    return {name: writers[name]() for name in names}
+
+
+def format_pass(dataset: str, request: DatasetRequest, encoder, options: RunOptions,
+                out: Path) -> tuple[float, int]:
+    """Read a format as ``cli extract`` does and write its image cache: (seconds, rows)."""
+    start = time.perf_counter()
+    index = dataset_format(dataset).load(dataset, request).indexes[request.splits[0]]
+    extract_images(index, encoder, out, options)
+    return time.perf_counter() - start, index.num_images
+
+
+def compare_formats(index: SplitIndex, args, options: RunOptions) -> None:
+    """Print the rows/s of the same photos read as each of ``--formats`` and the ratio to f8k."""
+    encoder = create_image_encoder(args.backbone, args.weights)
+    encoder.to(options.device)
+    seconds: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        began = time.perf_counter()
+        requests = format_requests(index, args, Path(tmp))
+        written = time.perf_counter() - began
+        shards_mb = sum(p.stat().st_size for p in Path(tmp).glob("shards/*.tar")) / 1e6
+        for name, (dataset, request) in requests.items():  # warm-up: page cache, workers
+            format_pass(dataset, request, encoder, options, Path(tmp) / f"warm-{name}.h5")
+        for _ in range(args.repeats):
+            for name, (dataset, request) in requests.items():
+                took, rows = format_pass(dataset, request, encoder, options,
+                                         Path(tmp) / f"{name}.h5")
+                seconds.setdefault(name, []).append(took)
+    n = index.num_images
+    print(f"{n} {args.dataset}/{args.split} photos, {args.backbone} on {options.device}, batch "
+          f"{args.batch_size}, {args.workers} decoding workers, torch threads "
+          f"{torch.get_num_threads()}; best of {args.repeats} passes per format; formats written "
+          f"in {written:.1f} s (not timed), shards {shards_mb:.0f} MB of {args.per_shard} photos")
+    print(f"{'format':<10}{'seconds':>10}{'rows/s':>10}{'vs f8k':>10}")
+    base = n / min(seconds["f8k"])
+    for name, times in seconds.items():
+        rate = n / min(times)
+        print(f"{name:<10}{min(times):>10.2f}{rate:>10.1f}{rate / base:>10.3f}")
+    print("all passes (s): " + ", ".join(f"{name} {[round(t, 2) for t in times]}"
+                                         for name, times in seconds.items()))
+    print("ratio rows/s vs f8k: " + ", ".join(f"{name} {n / min(times) / base:.3f}"
+                                              for name, times in seconds.items()))
 
 
 def main() -> None:
@@ -145,6 +226,10 @@ def main() -> None:
                                          "one runner call per layer")
     parser.add_argument("--views", type=int, help="views per photo: a --views N runner pass vs a "
                                                   "one-view runner pass")
+    parser.add_argument("--formats", help="comma-separated dataset formats (f8k,csv,wds): the same "
+                                          "photos read from each, rows/s against f8k")
+    parser.add_argument("--per-shard", type=int, default=250,
+                        help="photos per WebDataset shard (--formats)")
     args = parser.parse_args()
     print_machine()
     if not (args.data_path / f"{args.split}_caps.txt").exists():
@@ -160,6 +245,9 @@ def main() -> None:
         return
     if args.views:
         compare_views(index, args, options)
+        return
+    if args.formats:
+        compare_formats(index, args, options)
         return
     encoder = create_image_encoder(args.backbone, args.weights)
     encoder.to(options.device)

@@ -1,9 +1,9 @@
 """Torch-side access to caches: token batches for encoding, caption-indexed pairs for training.
 
 Training is indexed by caption, as in every reference implementation: an epoch visits every caption
-of the split once (each image about five times), and a batch holds ``B`` captions plus the image of
-each. Batches are read whole (one memmap read of the sorted unique image rows, one of the sorted
-caption rows), so a DataLoader item is a batch, not a sample.
+of the split once (each image once per caption: five times in the standard splits), and a batch
+holds ``B`` captions plus the image of each. Batches are read whole (one memmap read of the sorted
+unique image rows, one of the sorted caption rows), so a DataLoader item is a batch, not a sample.
 
 Feature-level augmentation replaces the input-level augmentation the references apply before their
 backbones (impossible on cached features): each image token (region or patch) and each caption token

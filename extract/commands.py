@@ -41,6 +41,15 @@ def _report(reports: list[FileReport], out: Path, dataset: str, shard: Shard,
     click.echo(f"summary: {path}")
 
 
+def _echo_skipped(skipped: list[str], shown: int = 10) -> None:
+    """``--skip-missing``: the photos left out (the first ``shown``) and their count, on stderr."""
+    for entry in skipped[:shown]:
+        click.echo(f"skipped missing photo {entry}", err=True)
+    if skipped:
+        more = f" ({len(skipped) - shown} more not listed)" if len(skipped) > shown else ""
+        click.echo(f"skipped {len(skipped)} missing photo(s){more}", err=True)
+
+
 def _layers(value: str) -> list[int]:
     """``--layer`` values: one layer, or several comma-separated (order kept)."""
     try:
@@ -119,13 +128,32 @@ def _layer_tags(tag: str, layers: list[int]) -> list[str]:
               help="Text encoder layer (-1 = last).")
 @click.option("--max-length", type=int, default=128, show_default=True,
               help="Caption tokens kept, [CLS] and [SEP] included.")
-@click.option("--dataset", required=True, help="Dataset name (f30k, coco, f8k): the output folder.")
-@click.option("--data-path", type=click.Path(file_okay=False),
-              help="Folder of {split}_caps.txt, {split}_ids.txt and id_mapping.json.")
+@click.option("--dataset", required=True,
+              help="f30k, coco, f8k (Karpathy layout: the output folder), or your own captioned "
+                   "photos: csv, tsv, jsonl, imagefolder, wds (output folder: --name).")
+@click.option("--data-path", "data_paths", multiple=True,
+              help="f30k/coco/f8k: folder of {split}_caps.txt, {split}_ids.txt and "
+                   "id_mapping.json; csv/tsv/jsonl: the file; imagefolder: the folder; wds: the "
+                   "shards (shards/{000000..000099}.tar), or SPLIT=SHARDS once per split.")
 @click.option("--images", type=click.Path(file_okay=False),
-              help="Root folder the id_mapping.json paths are relative to.")
+              help="Root folder the photo paths are relative to (csv/tsv/jsonl default: the "
+                   "file's folder).")
 @click.option("--split", "split_args", multiple=True, default=("train,dev,test",),
               show_default=True, help="Split(s): repeatable or comma-separated.")
+@click.option("--name", help="The output folder under --out, the --dataset of train-head "
+                             "(default: f30k/coco/f8k: that name; your own photos: the data "
+                             "file's or folder's name).")
+@click.option("--image-key", help="Your own photos: the photo path column (default: the first of "
+                                  "image, filepath, file_name, image_path, file, path).")
+@click.option("--caption-key", help="Your own photos: the caption column (default: the first of "
+                                    "caption, text, title, captions).")
+@click.option("--split-ratio", help="Your own photos without a split column: train,dev,test "
+                                    "fractions of the photos (default 0.8,0.1,0.1).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Your own photos: the seed of the --split-ratio hash.")
+@click.option("--skip-missing", is_flag=True,
+              help="Your own photos: leave out photos that do not exist (listed and counted) "
+                   "instead of stopping.")
 @click.option("--out", default="features", show_default=True, type=click.Path(file_okay=False),
               help="Output root: <out>/<dataset>/<split>/<modality>-<tag>.h5.")
 @click.option("--tag", help="Image file tag (default: the backbone name).")
@@ -150,7 +178,9 @@ def _layer_tags(tag: str, layers: list[int]) -> list[str]:
 def extract(backbone: str | None, weights: str | None, layer_arg: str, resolution: int | None,
             views: int, crop_scale: str, view_seed: int, text_encoder: str | None,
             text_weights: str | None, text_layer: int, max_length: int,
-            dataset: str, data_path: str | None, images: str | None, split_args: tuple[str, ...],
+            dataset: str, data_paths: tuple[str, ...], images: str | None,
+            split_args: tuple[str, ...], name: str | None, image_key: str | None,
+            caption_key: str | None, split_ratio: str | None, seed: int, skip_missing: bool,
             out: str, tag: str | None, text_tag: str | None, batch_size: int, workers: int,
             device: str, threads: int | None, limit: int | None, overwrite: bool,
             skip_existing: bool,
@@ -161,6 +191,8 @@ def extract(backbone: str | None, weights: str | None, layer_arg: str, resolutio
     \b
     cli extract --backbone efficientnet_lite0 --text-encoder minilm --dataset f8k \\
         --data-path ../shared/data/f8k --images ../shared/data/flickr8k-images --split test
+    cli extract --backbone efficientnet_lite0 --text-encoder minilm --dataset csv \\
+        --data-path mine/captions.csv --images mine/photos      # -> features/captions/...
     Sharded over several GPUs or machines: run the same command under torchrun (or with
     --rank R --world-size W on each machine); every rank writes
     <modality>-<tag>.shard-R-of-W.h5; then run the same command once more with --merge.
@@ -171,9 +203,16 @@ def extract(backbone: str | None, weights: str | None, layer_arg: str, resolutio
     """
     from extract.backbones import (create_image_encoders, create_text_encoder,
                                    list_image_encoders, list_text_encoders)
-    from extract.datasets import load_split
+    from extract.captioned import TableOptions, parse_ratio
+    from extract.formats import DatasetRequest, dataset_format
 
     splits = _splits(split_args)
+    fmt = dataset_format(dataset)
+    request = DatasetRequest(
+        data_paths=data_paths, splits=splits, images=images, need_photos=bool(backbone),
+        name=name, table=TableOptions(image_key, caption_key,
+                                      parse_ratio(split_ratio) if split_ratio else None, seed,
+                                      skip_missing))
     if not backbone and not text_encoder:
         raise InputError("name an image encoder (--backbone), a text encoder (--text-encoder) "
                          "or both")
@@ -189,10 +228,14 @@ def extract(backbone: str | None, weights: str | None, layer_arg: str, resolutio
         raise InputError("--overwrite and --skip-existing exclude each other")
     layers = _layers(layer_arg)
     view_options = _views(views, crop_scale, view_seed, backbone, splits)
+    if not data_paths and not merge:
+        raise InputError("--data-path is required (the folder of {split}_caps.txt, or your "
+                         "captions file, imagefolder or shards)")
+    folder = fmt.name(dataset, request)
     image_tags = _layer_tags(tag or backbone, layers) if backbone else []
-    targets = {split: {"image": [runner.output_path(out, dataset, split, "image", t)
+    targets = {split: {"image": [runner.output_path(out, folder, split, "image", t)
                                  for t in image_tags],
-                       "text": [runner.output_path(out, dataset, split, "text",
+                       "text": [runner.output_path(out, folder, split, "text",
                                                    text_tag or text_encoder)]
                        if text_encoder else []}
                for split in splits}
@@ -200,7 +243,9 @@ def extract(backbone: str | None, weights: str | None, layer_arg: str, resolutio
                 "layer": layers[0] if len(layers) == 1 else layers,
                 "resolution": resolution, "text_encoder": text_encoder,
                 "text_weights": text_weights, "text_layer": text_layer, "max_length": max_length,
-                "dataset": dataset, "data_path": data_path, "images": images, "splits": splits,
+                "dataset": dataset, "name": folder, "data_path": list(data_paths), "images": images,
+                "splits": splits, "split_ratio": split_ratio, "seed": seed,
+                "skip_missing": skip_missing,
                 "batch_size": batch_size, "workers": workers, "device": device,
                 "threads": threads, "limit": limit, "views": views,
                 "crop_scale": list(view_options.crop_scale), "view_seed": view_seed,
@@ -208,7 +253,7 @@ def extract(backbone: str | None, weights: str | None, layer_arg: str, resolutio
     if merge:
         reports = [runner.merge_split_shards(path, overwrite)
                    for split in splits for paths in targets[split].values() for path in paths]
-        _report(reports, Path(out), dataset, Shard(), settings, "merge-summary")
+        _report(reports, Path(out), folder, Shard(), settings, "merge-summary")
         return
 
     shard = runner.shard_from_env(rank, world_size)
@@ -216,13 +261,9 @@ def extract(backbone: str | None, weights: str | None, layer_arg: str, resolutio
         torch.set_num_threads(threads)
     options = RunOptions(batch_size=batch_size, workers=workers, device=resolve_device(device),
                          overwrite=overwrite)
-    if data_path is None:
-        raise InputError("--data-path is required (the folder of {split}_caps.txt)")
-    if backbone and images is None:
-        raise InputError("--images is required with --backbone (the folder of the image files)")
-    indexes = {split: runner.limit_split(load_split(dataset, data_path, split,
-                                                    images if backbone else None), limit)
-               for split in splits}
+    loaded = fmt.load(dataset, request)
+    _echo_skipped(loaded.skipped)
+    indexes = {split: runner.limit_split(index, limit) for split, index in loaded.indexes.items()}
     image_encoders = (create_image_encoders(backbone, weights, layers, resolution)
                       if backbone else [])
     text_model = (create_text_encoder(text_encoder, text_weights, text_layer, max_length)
@@ -246,7 +287,7 @@ def extract(backbone: str | None, weights: str | None, layer_arg: str, resolutio
         for path in targets[split]["text"]:
             reports.append(runner.extract_texts(indexes[split], text_model, path, options, shard))
             _echo_file(reports[-1])
-    _report(reports, Path(out), dataset, shard, settings)
+    _report(reports, Path(out), folder, shard, settings)
     if view_options.count > 1:
         click.echo(_views_summary(view_options, splits))
     if shard.sharded:

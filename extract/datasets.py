@@ -11,6 +11,10 @@ A split lives in ``data_path`` as three files:
   ``val2014/``. Without this file (caption-only data such as the Karpathy COCO files) the split still
   loads for text extraction, with ``image_paths = None``.
 
+Your own captioned photos (CSV, TSV, JSONL, imagefolder, WebDataset shards; any number of captions
+per photo) load into the same `SplitIndex` through `extract.captioned` and `extract.wds`;
+`extract.formats` is the registry of every ``--dataset`` value.
+
 `load_split` reads and validates a split into a `SplitIndex`; `ImageDataset` decodes its images with
 PIL in DataLoader workers. Every problem a user can fix raises `InputError` with one line naming the
 file and line or row. Decoding is strict: truncated files fail (``LOAD_TRUNCATED_IMAGES`` is never
@@ -23,6 +27,7 @@ blocks), images over Pillow's decompression-bomb limit are refused, and HEIC/HEI
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -36,6 +41,7 @@ import torch
 from PIL import Image, ImageOps
 
 from cache.errors import InputError
+from extract.tar_members import read_member, split_member
 
 CAPTIONS_PER_IMAGE = 5
 MAPPING_FILE = "id_mapping.json"
@@ -234,13 +240,22 @@ def file_kind(mode: int) -> str:
     return next((name for test, name in kinds if test(mode)), "special file")
 
 
+def _open_photo(path: str | Path) -> BinaryIO:
+    """A loose photo file (`open_regular`) or, when ``path`` runs through a tar shard, that
+    member's bytes."""
+    if split_member(path) is not None:
+        return io.BytesIO(read_member(path))
+    return open_regular(path)
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Decode an image fully, turn it upright by its EXIF orientation and convert it to RGB;
     `ImageDecodeError` names the file on failure. Only a regular file is opened (`open_regular`:
     never blocks); an image over Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS`` x 2)
-    is refused, a large one below it (a 100-megapixel photo) is decoded without a warning."""
+    is refused, a large one below it (a 100-megapixel photo) is decoded without a warning.
+    ``path`` may also name a member of a tar shard (``shard.tar/key.jpg``, `extract.tar_members`)."""
     try:
-        with open_regular(path) as file, warnings.catch_warnings():
+        with _open_photo(path) as file, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(file) as image:
                 image.load()

@@ -18,6 +18,7 @@ own ``random.Random(seed, index)`` stream.
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 import random
@@ -240,3 +241,24 @@ def generate_demo_data(root: str | Path, num_images: int = 1200, side: int = 224
         first += count
     (root / "id_mapping.json").write_text(json.dumps(mapping, indent=0), encoding="utf-8")
     return sizes
+
+
+def write_example_csv(root: str | Path, num_images: int = 60, side: int = 64,
+                      seed: int = 0) -> Path:
+    """A tiny "your own captioned photos" set: rendered scenes in ``root/photos`` and
+    ``root/captions.csv`` (columns ``filepath``, ``title`` as open_clip reads them, no split
+    column), one row per (photo, caption) with one to five captions per photo."""
+    root = Path(root)
+    (root / "photos").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index in range(num_images):
+        image, captions, _ = render_example(index, side, seed)
+        name = f"scene_{index:05d}.jpg"
+        image.save(root / "photos" / name, quality=90)
+        rows.extend((name, caption) for caption in captions[:1 + index % len(captions)])
+    path = root / "captions.csv"
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filepath", "title"])
+        writer.writerows(rows)
+    return path

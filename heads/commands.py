@@ -21,7 +21,7 @@ from cache.store import MODALITIES, ImageCache, TextCache, centre_view_note
 from heads.checkpoint import load_checkpoint
 from heads.config import (cache_paths, config_without_file, flatten, load_config,
                           parse_override)
-from heads.eval.metrics import PROTOCOLS
+from heads.eval.metrics import PROTOCOLS, describe_captions_per_image
 from heads.model import RetrievalModel, create_model
 
 # ----------------------------------------------------------------------------------- train-head
@@ -262,7 +262,9 @@ def run_full(run: EvalRun, save_sims: str | None, max_images: int | None) -> Non
                       max_images=max_images, progress=True, **run.blocks)
     gallery = f", gallery of its first {max_images} images" if max_images else ""
     click.echo(f"{run.checkpoint} on {run.split} ({result['images']} images, "
-               f"{result['captions']} captions, protocol {result['protocol']}{gallery})")
+               f"{result['captions']} captions, "
+               f"{describe_captions_per_image(result['captions_per_image'])}, "
+               f"protocol {result['protocol']}{gallery})")
     click.echo(format_table(result["metrics"], result["seconds"]))
     out = run.report_path(f"eval-{run.split}.json")
     write_report(out, run.report(result))
@@ -286,7 +288,9 @@ def run_two_stage(run: EvalRun, request: TwoStageRequest) -> None:
                        progress=True, **run.blocks)
     k = result["topk"]
     click.echo(f"{run.checkpoint} on {run.split} ({result['images']} images, "
-               f"{result['captions']} captions, protocol {run.protocol}), two-stage k = "
+               f"{result['captions']} captions, "
+               f"{describe_captions_per_image(result['captions_per_image'])}, "
+               f"protocol {run.protocol}), two-stage k = "
                f"{k['i2t']} (i2t), {k['t2i']} (t2i)")
     click.echo("coarse only:\n" + format_table(result["coarse"]))
     click.echo("two-stage:\n" + format_table(result["final"], result["seconds"]))

@@ -36,6 +36,7 @@ from cache.batch import IdsBatch, PixelBatch
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from extract.datasets import load_rgb
+from extract.tar_members import photo_exists
 
 WORD_AUGMENT = 0.2
 WORD_SPLIT = (0.5, 0.1, 0.4)   # of a perturbed word: [MASK], random pieces, deleted
@@ -147,7 +148,7 @@ class PhotoFiles:
 
     def check(self) -> None:
         """InputError naming the first missing photo (and how many are missing)."""
-        missing = [p for p in self.paths if not (self.root / p).is_file()]
+        missing = [p for p in self.paths if not photo_exists(self.root / p)]
         if missing:
             raise InputError(f"{self.root / missing[0]}: photo of {self.where} not found "
                              f"({len(missing)} of {len(self.paths)} missing); set "

@@ -22,8 +22,8 @@ from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from heads.base import Encoded, index_encoded, num_items
 from heads.model import Retriever
-from heads.eval.metrics import (Subset, fold_indices, local_caption_image, mean_metrics,
-                           protocol_subsets, recall_metrics)
+from heads.eval.metrics import (Subset, captions_per_image, fold_indices, local_caption_image,
+                               mean_metrics, protocol_subsets, recall_metrics)
 from heads.eval.rerank import FineScorer, rerank
 from heads.eval.scoring import (DEFAULT_CAPTION_BLOCK, DEFAULT_IMAGE_BLOCK, DEFAULT_PAIR_BATCH,
                            encode_cache, score_pairs, similarity_matrix, synchronize)
@@ -97,7 +97,9 @@ def evaluate(head: Retriever, image_cache: ImageCache, text_cache: TextCache,
         _save(save_sims, matrices, subsets, caption_image)
     return {"protocol": protocol, "metrics": metrics, "seconds": seconds,
             "pairs_scored": sum(s.numel() for s in matrices), "images": len(image_cache),
-            "captions": len(text_cache), "score_kind": head.score_kind, "mode": head.mode,
+            "captions": len(text_cache),
+            "captions_per_image": captions_per_image(caption_image, len(image_cache)),
+            "score_kind": head.score_kind, "mode": head.mode,
             "device": str(device)}
 
 
@@ -183,6 +185,7 @@ def two_stage(coarse_head: Retriever, fine_head: Retriever, image_cache: ImageCa
         "pairs_scored": sum(g["pairs_scored"] for g in galleries),
         "pairs_full": sum(g["pairs_full"] for g in galleries),
         "seconds": seconds, "images": len(image_cache), "captions": len(text_cache),
+        "captions_per_image": captions_per_image(caption_image, len(image_cache)),
         "device": str(device)}
 
 

@@ -205,3 +205,18 @@ def protocol_metrics(sims: Tensor, caption_image: Tensor, protocol: str,
         recall_metrics(_block(sims, subset),
                        local_caption_image(caption_image, subset, sims.shape[0]))
         for subset in protocol_subsets(sims.shape[0], caption_image, protocol, source)])
+
+
+def captions_per_image(caption_image: Tensor, num_images: int) -> dict[str, float]:
+    """How many captions each image has: ``min``, ``max`` and ``mean`` (for the eval report)."""
+    counts = torch.bincount(torch.as_tensor(caption_image).long().cpu(), minlength=num_images)
+    return {"min": int(counts.min()), "max": int(counts.max()),
+            "mean": round(float(counts.float().mean()), 3)}
+
+
+def describe_captions_per_image(counts: dict[str, float]) -> str:
+    """``5 captions per photo`` or ``1-5 captions per photo (mean 2.93)``."""
+    if counts["min"] == counts["max"]:
+        return f"{counts['min']} captions per photo"
+    return f"{counts['min']}-{counts['max']} captions per photo (mean {counts['mean']:.2f})"
+

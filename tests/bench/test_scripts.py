@@ -61,6 +61,13 @@ def test_extract_views(shared_data, tmp_path):
     assert re.search(r"ratio 3 views / one view = \d+\.\d+", out), out
 
 
+def test_extract_formats(shared_data, tmp_path):
+    out = run_bench("extract.py", "--limit", "4", "--batch-size", "2", "--workers", "0",
+                    "--repeats", "1", "--device", "cpu", "--formats", "f8k,csv,wds",
+                    "--per-shard", "3")
+    assert re.search(r"ratio rows/s vs f8k: f8k 1\.000, csv \d+\.\d+, wds \d+\.\d+", out), out
+
+
 def test_train_from_cache(shared_data):
     out = run_bench("train_from_cache.py", "--images", "8", "--batch-size", "4", "--steps", "1",
                     "--workers", "0", "--embed-dim", "8", "--threads", "1")
