@@ -14,7 +14,7 @@ Real mode: ``--image-cache``, ``--text-cache``, ``--coarse-checkpoint`` and ``--
 (checkpoints of ``train-head``; one checkpoint twice with ``--coarse-mode`` / ``--fine-mode`` for a
 two-branch head).
 
-    python bench/rerank.py --images 1000 --topk 50
+    python bench/rerank.py --images 1000 --rerank-topk 50
     python bench/rerank.py --image-cache features/f30k/test/image-x.h5 \\
         --text-cache features/f30k/test/text-y.h5 --coarse-checkpoint vse.pt --fine-checkpoint scan.pt
 
@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--embed-dim", type=int, default=256)
     parser.add_argument("--coarse", default="linear", help="coarse head (synthetic mode)")
     parser.add_argument("--fine", default="scan", help="fine head (synthetic mode)")
-    parser.add_argument("--topk", default="50", help="k, or k_i2t,k_t2i")
+    parser.add_argument("--rerank-topk", default="50", help="k, or k_i2t,k_t2i")
     parser.add_argument("--fuse-weight", type=float, default=0.0)
     parser.add_argument("--image-cache")
     parser.add_argument("--text-cache")
@@ -121,7 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print_machine()
-    topk = parse_topk(args.topk)
+    topk = parse_topk(args.rerank_topk)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.image_cache:

@@ -140,18 +140,18 @@ def training_transform(transform: ImageTransform,
 
 def images_root(images: ImageCache, override: str | Path | None) -> Path:
     """Where the photos of an image cache are: ``override`` (``data.images_root``, ``cli eval
-    --images``) or the folder recorded at extraction (``extra.images_root``)."""
+    --photos``) or the folder recorded at extraction (``extra.images_root``)."""
     recorded = images.attrs.extra.get("images_root")
     root = override if override is not None else recorded
     if root is None:
         raise InputError(f"{images.path}: the cache does not record where its photos are (written "
                          "from precomputed features?); an e2e image side needs them: set "
-                         "data.images_root (cli eval: --images DIR)")
+                         "data.images_root (cli eval: --photos DIR)")
     root = Path(root)
     if not root.is_dir():
         said = "given" if override is not None else f"recorded in {images.path}"
         raise InputError(f"{root}: the photo folder {said} does not exist; an e2e image side "
-                         "reads the photos: set data.images_root (cli eval: --images DIR)")
+                         "reads the photos: set data.images_root (cli eval: --photos DIR)")
     return root
 
 
@@ -169,7 +169,7 @@ class PhotoFiles:
         if missing:
             raise InputError(f"{self.root / missing[0]}: photo of {self.where} not found "
                              f"({len(missing)} of {len(self.paths)} missing); set "
-                             "data.images_root (cli eval: --images DIR) to their folder")
+                             "data.images_root (cli eval: --photos DIR) to their folder")
 
     def photo(self, row: int) -> torch.Tensor:
         return self.transform(load_rgb(self.root / self.paths[row]))

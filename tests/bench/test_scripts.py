@@ -38,7 +38,7 @@ def test_eval_scoring_scan():
 
 def test_rerank_synthetic():
     out = run_bench("rerank.py", "--images", "20", "--captions-per-image", "2", "--tokens", "5",
-                    "--dim", "16", "--vocab", "20", "--embed-dim", "8", "--topk", "5",
+                    "--dim", "16", "--vocab", "20", "--embed-dim", "8", "--rerank-topk", "5",
                     "--threads", "1")
     assert re.search(r"speed-up \(excluding encoding\) \d+\.\dx", out), out
 

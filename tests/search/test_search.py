@@ -1,5 +1,5 @@
 """``cli search``: the table, JSON and gallery page of a text or photo query, a query longer than
-the tokenizer's limit, and re-ranking the shortlist with an interaction head (``--fine``)."""
+the tokenizer's limit, and re-ranking the shortlist with an interaction head (``--fine-checkpoint``)."""
 from __future__ import annotations
 
 import json
@@ -72,8 +72,8 @@ def test_rerank_rescoring_the_shortlist_with_an_interaction_head(
     assert all(h.coarse is not None for h in head)
     assert [h.path for h in reranked.hits[4:]] == [h.path for h in coarse.hits[4:]]
     assert [h.rank for h in reranked.hits] == list(range(1, 7))
-    code, output = run_cli("search", indexed, "a red circle", "-k", 6, "--rerank", 4, "--fine",
-                           fine, "--json", "--device", "cpu")
+    code, output = run_cli("search", indexed, "a red circle", "-k", 6, "--rerank-topk", 4,
+                           "--fine-checkpoint", fine, "--json", "--device", "cpu")
     assert code == 0, output
     assert [h["path"] for h in json.loads(output)["hits"]] == [h.path for h in reranked.hits]
 
@@ -81,10 +81,10 @@ def test_rerank_rescoring_the_shortlist_with_an_interaction_head(
     state["features"]["image"]["layer"] = 1
     other = tmp_path / "other.pt"
     torch.save({k: v for k, v in state.items() if k != "path"}, other)
-    code, message = run_cli("search", indexed, "a red circle", "--rerank", 4, "--fine", other,
-                            "--device", "cpu")
+    code, message = run_cli("search", indexed, "a red circle", "--rerank-topk", 4,
+                            "--fine-checkpoint", other, "--device", "cpu")
     assert code == 2 and "other image features than the index's cache" in message, message
-    code, message = run_cli("search", indexed, "a red circle", "--rerank", 4, "--fine",
+    code, message = run_cli("search", indexed, "a red circle", "--rerank-topk", 4, "--fine-checkpoint",
                             photo_world.checkpoint, "--device", "cpu")
     assert code == 2 and "no interaction branch" in message
 
