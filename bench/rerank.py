@@ -24,7 +24,6 @@ work in both and reported apart.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,16 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.machine import print_machine  # noqa: E402
-from cache.store import (CacheAttrs, ImageCache, ImageCacheWriter, TextCache,  # noqa: E402
+from machine import print_machine
+from cache.store import (CacheAttrs, ImageCache, ImageCacheWriter, TextCache,
                          TextCacheWriter)
-from heads.registry import build_head, head_options  # noqa: E402
-from heads.base import FeatureSpec, Head  # noqa: E402
-from heads.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from heads.eval.evaluate import evaluate, two_stage  # noqa: E402
-from heads.eval.rerank import parse_topk  # noqa: E402
+from heads.registry import build_head, head_options
+from heads.base import FeatureSpec, Head
+from heads.checkpoint import load_checkpoint, model_from_checkpoint
+from heads.eval.evaluate import evaluate, two_stage
+from heads.eval.rerank import parse_topk
 
 
 def write_synthetic_split(root: Path, n_img: int, per_image: int, tokens: int, dim: int,

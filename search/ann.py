@@ -9,7 +9,7 @@ rows of the index's image cache) whatever the kind:
 * ``ivf-pq``: ``IndexIVFPQ`` over about 4 sqrt(n) lists (at least 39 training points each),
   ``d / 4`` sub-quantisers (the largest divisor of d up to that) of up to 8 bits (fewer below
   10,000 photos: each of the 2^bits centroids gets 39 training points), 16 lists probed per query. Compressed: for
-  millions of photos on little memory; recall is below 1 (see bench/search.py).
+  millions of photos on little memory; recall is below 1 (see bench/index_kinds.py).
 """
 from __future__ import annotations
 

@@ -44,13 +44,13 @@ def test_rerank_synthetic():
 
 
 def test_extract(shared_data, tmp_path):
-    out = run_bench("extract.py", "--limit", "4", "--batch-size", "2", "--workers", "0",
+    out = run_bench("extraction.py", "--limit", "4", "--batch-size", "2", "--workers", "0",
                     "--repeats", "1", "--device", "cpu")
     assert re.search(r"ratio runner/bare = \d+\.\d+", out), out
 
 
 def test_extract_layers(shared_data, tmp_path):
-    out = run_bench("extract.py", "--limit", "4", "--batch-size", "2", "--workers", "0",
+    out = run_bench("extraction.py", "--limit", "4", "--batch-size", "2", "--workers", "0",
                     "--repeats", "1", "--device", "cpu", "--layers", "3,-1")
     assert re.search(r"ratio one pass / per layer = \d+\.\d+", out), out
 
@@ -74,7 +74,7 @@ def test_finetune():
 
 
 def test_search():
-    out = run_bench("search.py", "--n", "400", "--dim", "16", "--queries", "5", "--threads", "1")
+    out = run_bench("index_kinds.py", "--n", "400", "--dim", "16", "--queries", "5", "--threads", "1")
     for kind in ("hnsw", "ivf-pq"):
         assert re.search(rf"ratio {kind}/flat: build \d+\.\d+, p50 latency \d+\.\d+, "
                          rf"recall@10 \d\.\d+", out), out

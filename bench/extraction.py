@@ -6,13 +6,13 @@ to the host as fp16, writes them to HDF5 and commits the row count after every b
 alternate (bare, runner, bare, runner, ...) after one warm-up pass over the files; the best pass of
 each side counts.
 
-    python bench/extract.py --limit 300 --backbone efficientnet_lite0 --batch-size 64
+    python bench/extraction.py --limit 300 --backbone efficientnet_lite0 --batch-size 64
 
 The ratio printed last is runner time / bare time, measured in the same run (target <= 1.15).
 With ``--layers 6,8,10,-1`` it measures instead one pass writing the caches of those layers
 (``cli extract --layer 6,8,10,-1``) against one runner call per layer, alternating likewise:
 
-    python bench/extract.py --backbone dinov2 --weights imgfocus-dinov2-s14 --layers 6,8,10,-1
+    python bench/extraction.py --backbone dinov2 --weights imgfocus-dinov2-s14 --layers 6,8,10,-1
 """
 from __future__ import annotations
 
@@ -26,15 +26,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from extract.backbones import create_image_encoder, create_image_encoders  # noqa: E402
-from extract.datasets import ImageDataset, load_split  # noqa: E402
-from cache.device import resolve_device  # noqa: E402
-from extract.runner import (RunOptions, extract_image_layers, extract_images,  # noqa: E402
+from extract.backbones import create_image_encoder, create_image_encoders
+from extract.datasets import ImageDataset, load_split
+from cache.device import resolve_device
+from extract.runner import (RunOptions, extract_image_layers, extract_images,
                            limit_split)
-from bench.machine import print_machine  # noqa: E402
+from machine import print_machine
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def bare_pass(index, encoder, options: RunOptions) -> float:

@@ -7,20 +7,16 @@ centres (a clustered cloud; uniform noise would be an unrealistically hard case 
 approximate kinds), queried by ``--queries`` fresh points of the same mixture, one query per call
 as ``cli search`` does. Indexes are built by ``search.ann.build_index`` (the code of ``cli index``).
 
-    python bench/search.py --n 1000000 --queries 1000 --threads 2
+    python bench/index_kinds.py --n 1000000 --queries 1000 --threads 2
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.machine import print_machine
+from machine import print_machine
 from search import ann
 
 
