@@ -41,7 +41,8 @@ from tqdm import tqdm
 from cache.errors import InputError
 from cache.progress import progress_bar
 from cache.store import (CacheAttrs, ImageCache, ImageCacheWriter, TextCache, TextCacheWriter,
-                         default_cache_path, merge_shards, open_cache, unsharded)
+                         default_cache_path, merge_shards, open_cache, photo_folder_extra,
+                         unsharded)
 from extract.encoders import ImageEncoder, TextEncoder
 from extract.datasets import ImageDataset, SplitIndex
 
@@ -177,7 +178,7 @@ def image_attrs(encoder: ImageEncoder, index: SplitIndex) -> CacheAttrs:
                       num_tokens=layout.num_tokens, prefix_tokens=layout.prefix_tokens,
                       grid=layout.grid, resolution=encoder.resolution,
                       preprocessing=encoder.preprocessing, dataset=index.dataset, split=index.split,
-                      extra={"images_root": str(index.images_root)})
+                      extra=photo_folder_extra(index.images_root))
 
 
 def text_attrs(encoder: TextEncoder, index: SplitIndex) -> CacheAttrs:
