@@ -108,10 +108,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=2, help="passes per side (best counts)")
     parser.add_argument("--layers", help="comma-separated layers: one pass over all of them vs "
                                          "one runner call per layer")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     print_machine()
     if not (args.data_path / f"{args.split}_caps.txt").exists():
         sys.exit(f"no data at {args.data_path} (../shared/data/f8k beside the repo); pass "

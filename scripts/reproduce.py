@@ -85,17 +85,20 @@ def fused(run: str, shortlist: str) -> Row:
                (run, shortlist))
 
 
-def extract_command(options: str, images: bool = True) -> str:
-    """One ``cli extract`` call over every Flickr8k split (``images``: it reads the photos)."""
-    photos = f" --images {DATA}/flickr8k-images" if images else ""
+def extract_command(options: str, images: bool = True, threads: int = 2,
+                    workers: int = 2) -> str:
+    """One ``cli extract`` call over every Flickr8k split (``images``: it reads the photos, decoded
+    by ``workers`` processes) with ``threads`` torch threads, as measured (2 and 2: the defaults on
+    the 2-core build machine)."""
+    photos = f" --images {DATA}/flickr8k-images --workers {workers}" if images else ""
     return (f"python cli.py extract {options} --dataset f8k --data-path {DATA}/f8k{photos} "
-            "--split train,dev,test --out features")
+            f"--split train,dev,test --threads {threads} --out features")
 
 
 def extraction(name: str, description: str, options: str, files: tuple[str, ...],
-               images: bool = True) -> Row:
+               images: bool = True, threads: int = 2, workers: int = 2) -> Row:
     """A stage-one row: one ``extract_command``, leaving ``files`` in every split."""
-    command = extract_command(options, images)
+    command = extract_command(options, images, threads, workers)
     outputs = tuple(f"features/f8k/{split}/{file}" for split in ("train", "dev", "test")
                     for file in files)
     return Row(name, description, (command,), (), outputs)
@@ -185,7 +188,7 @@ def e2e_tuned_text_rows() -> list[Row]:
                 (f"python cli.py export-backbone {run_dir('linear-text-e2e')}/best.pt --side text "
                  f"--out {folder} --overwrite",
                  extract_command(f"--text-encoder minilm --text-weights {folder} "
-                                 "--text-tag minilm_e2e", images=False)),
+                                 "--text-tag minilm_e2e", images=False, threads=1)),
                 ("linear-text-e2e",),
                 tuple(f"features/f8k/{split}/text-minilm_e2e.h5"
                       for split in ("train", "dev", "test")))
@@ -205,7 +208,7 @@ def dinov2_layer_rows() -> list[Row]:
                        "output in one pass (tags dinov2_s14_l6, _l8, _l10, dinov2_s14)",
                        "--backbone dinov2 --weights imgfocus-dinov2-s14 --tag dinov2_s14 "
                        "--layer 6,8,10,-1",
-                       tuple(f"image-dinov2_s14_l{k}.h5" for k in layers))]
+                       tuple(f"image-dinov2_s14_l{k}.h5" for k in layers), threads=1, workers=1)]
     for k in layers:
         rows.append(trained(f"linear-dinov2-l{k}", f"the linear head of `linear-dinov2` on "
                             f"DINOv2's layer {k} (before the final norm), 3 epochs",
@@ -270,7 +273,7 @@ def all_rows() -> list[Row]:
                    ("image-dinov2_s14.h5",)),
         extraction(MINILM_L4, "MiniLM text caches at layer 4 (tag minilm_l4), for text tails",
                    "--text-encoder minilm --text-layer 4 --text-tag minilm_l4",
-                   ("text-minilm_l4.h5",), images=False),
+                   ("text-minilm_l4.h5",), images=False, threads=1),
         trained("linear", "the linear head (InfoNCE), 3 epochs",
                 "--config configs/f8k_linear.yaml --set optim.epochs=3"),
         trained("linear-text-tail", "the linear head with MiniLM's top two layers (5 and 6) "
@@ -282,7 +285,7 @@ def all_rows() -> list[Row]:
             (f"python cli.py export-backbone {run_dir('linear-text-tail')}/best.pt --side text "
              "--out tuned/minilm_l4_linear --overwrite",
              extract_command("--text-encoder minilm --text-weights tuned/minilm_l4_linear "
-                             "--text-tag minilm_tuned", images=False)),
+                             "--text-tag minilm_tuned", images=False, threads=1)),
             ("linear-text-tail",),
             tuple(f"features/f8k/{split}/text-minilm_tuned.h5"
                   for split in ("train", "dev", "test"))),

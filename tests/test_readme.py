@@ -314,11 +314,11 @@ def test_every_table_row_is_a_registry_row_and_every_row_is_named() -> None:
 
 
 def test_walkthrough_commands_are_row_commands() -> None:
-    walk = sections(README)["Walk-through on Flickr8k (the real data of `../shared/data`)"]
+    walk = sections(README)["Flickr8k in three commands"]
     commands = {" ".join(shlex.split(c)) for row in reproduce.ROWS.values() for c in row.commands}
     shown = [line.replace("$D", reproduce.DATA) for line in code_lines(walk)
              if cli_args(line)[:1] in (["extract"], ["train-head"], ["eval"])]
-    assert len(shown) == 4
+    assert len(shown) == 3
     for line in shown:
         assert " ".join(shlex.split(line, comments=True)) in commands, line
 
