@@ -103,8 +103,8 @@ def train_head(config_path: str | None, head: str | None, features: str | None,
 
 def open_eval_caches(state: dict[str, Any], split: str | None, images: str | None,
                      texts: str | None) -> tuple[ImageCache, TextCache, str]:
-    """The caches to evaluate a checkpoint on: ``--image-cache``/``--text-cache`` or the split's files under
-    the checkpoint's feature tree (default split: its config's test split)."""
+    """The caches to evaluate a checkpoint on: ``--image-cache``/``--text-cache`` or the split's
+    files under the checkpoint's feature tree (default split: its config's test split)."""
     config = state["config"]
     split = split or config["data"]["test_split"]
     default_images, default_texts = cache_paths(config, split)

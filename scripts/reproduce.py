@@ -3,7 +3,7 @@
     python scripts/reproduce.py --list             # row names, one line each
     python scripts/reproduce.py hrem-256 --dry-run # its commands, missing prerequisites first
     python scripts/reproduce.py hrem-256           # run them; stop at the first failure
-    python scripts/reproduce.py --markdown         # rewrite docs/results.md's "Commands of every row"
+    python scripts/reproduce.py --markdown         # docs/results.md's "Commands of every row"
 
 A row is the shell commands that produced it (run from the repository root), the rows it needs
 first (the caches, the shortlist's run, the ALADIN teacher) and the files that show it is done.

@@ -61,7 +61,8 @@ def search(index_dir: str, query: str | None, image: str | None, k: int, checkpo
     if (query is None) == (image is None):
         raise InputError("give a text QUERY or --image PHOTO (one of them)")
     if (rerank is None) != (fine is None) or (rerank is not None and image is not None):
-        raise InputError("--rerank-topk K and --fine-checkpoint RUN/best.pt go together, with a text query")
+        raise InputError("--rerank-topk K and --fine-checkpoint RUN/best.pt go together, with a "
+                         "text query")
     opened = open_index(index_dir, checkpoint, resolve_device(device))
     results = opened.query_text(query, k) if image is None else opened.query_image(image, k)
     if rerank is not None:

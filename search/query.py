@@ -172,8 +172,9 @@ class Index:
         try:
             model = load_model(state, self.cache, interaction_mode(state))
         except CacheMismatchError as err:
-            raise InputError(f"--fine-checkpoint {fine}: it was trained on other image features than the "
-                             f"index's cache ({err}); index with a run on its backbone") from None
+            raise InputError(f"--fine-checkpoint {fine}: it was trained on other image features "
+                             f"than the index's cache ({err}); index with a run on its backbone"
+                             ) from None
         encoder = (self.text_encoder if state["features"]["text"] == self.state["features"]["text"]
                    else text_encoder(state["features"]["text"], str(fine)))
         texts, notes = encode_text(model, encoder, results.query, self.device)

@@ -74,7 +74,8 @@ def test_finetune():
 
 
 def test_search():
-    out = run_bench("index_kinds.py", "--n", "400", "--dim", "16", "--queries", "5", "--threads", "1")
+    out = run_bench("index_kinds.py", "--n", "400", "--dim", "16", "--queries", "5",
+                    "--threads", "1")
     for kind in ("hnsw", "ivf-pq"):
         assert re.search(rf"ratio {kind}/flat: build \d+\.\d+, p50 latency \d+\.\d+, "
                          rf"recall@10 \d\.\d+", out), out

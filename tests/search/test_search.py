@@ -1,5 +1,6 @@
 """``cli search``: the table, JSON and gallery page of a text or photo query, a query longer than
-the tokenizer's limit, and re-ranking the shortlist with an interaction head (``--fine-checkpoint``)."""
+the tokenizer's limit, and re-ranking the shortlist with an interaction head
+(``--fine-checkpoint``)."""
 from __future__ import annotations
 
 import json
@@ -84,8 +85,8 @@ def test_rerank_rescoring_the_shortlist_with_an_interaction_head(
     code, message = run_cli("search", indexed, "a red circle", "--rerank-topk", 4,
                             "--fine-checkpoint", other, "--device", "cpu")
     assert code == 2 and "other image features than the index's cache" in message, message
-    code, message = run_cli("search", indexed, "a red circle", "--rerank-topk", 4, "--fine-checkpoint",
-                            photo_world.checkpoint, "--device", "cpu")
+    code, message = run_cli("search", indexed, "a red circle", "--rerank-topk", 4,
+                            "--fine-checkpoint", photo_world.checkpoint, "--device", "cpu")
     assert code == 2 and "no interaction branch" in message
 
 
