@@ -16,6 +16,7 @@ import pytest
 
 from cli import cli
 from heads.commands import resolve_train_config
+from heads.registry import list_heads
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -311,6 +312,30 @@ def test_every_table_row_is_a_registry_row_and_every_row_is_named() -> None:
     outside = RESULTS.replace(generated(RESULTS), "")
     unnamed = [name for name in reproduce.ROWS if f"`{name}`" not in outside]
     assert not unnamed, f"rows of scripts/reproduce.py that docs/results.md never names: {unnamed}"
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """``{row name: its cells}`` of the markdown table lines of ``text`` that name a row in a cell
+    of their own (bold marks dropped)."""
+    rows: dict[str, list[str]] = {}
+    for line in re.findall(r"^\|.*\|$", text, re.MULTILINE):
+        cells = [cell.strip().strip("*") for cell in line.strip("|").split("|")]
+        names = [cell[1:-1] for cell in cells if re.fullmatch(r"`[\w-]+`", cell)
+                 and cell[1:-1] in reproduce.ROWS]
+        if names:
+            rows.setdefault(names[-1], cells)
+    return rows
+
+
+def test_the_readme_results_are_the_full_tables_numbers() -> None:
+    """Each row of README's results table shows the recalls and rsum of that row in
+    docs/results.md."""
+    full = table_rows(sections(RESULTS)["Results on Flickr8k (1K test)"].replace(
+        generated(RESULTS), ""))
+    shown = table_rows(sections(README)["Results on Flickr8k (1K test)"])
+    assert {cells[0].strip("`") for cells in shown.values()} == set(list_heads())
+    for name, cells in shown.items():
+        assert cells[-3:] == full[name][3:6], name
 
 
 def test_walkthrough_commands_are_row_commands() -> None:
