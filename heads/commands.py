@@ -164,7 +164,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 @click.option("--max-images", type=click.IntRange(min=1), metavar="N",
               help="One gallery of the split's first N images and their captions (protocol "
                    "full): the gallery eval.dev_images selects on.")
-def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str | None,
+def eval_command(checkpoint: str, split: str | None, images: str | None, texts: str | None,
              photos: str | None, protocol: str | None, save_sims: str | None, json_out: str | None, device: str,
              batch_size: int | None, rerank_topk: str | None, coarse_checkpoint: str | None,
              coarse_mode: str | None, fine_mode: str | None, fuse_weight: float,

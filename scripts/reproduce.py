@@ -63,7 +63,7 @@ def train(name: str, options: str, threads: int = 1) -> str:
             f"--out {run_dir(name)}")
 
 
-def evaluate(name: str, options: str = "", split: str = "test") -> str:
+def evaluation(name: str, options: str = "", split: str = "test") -> str:
     """``cli eval`` of the best checkpoint of row ``name`` on ``split``."""
     command = f"python cli.py eval --checkpoint {run_dir(name)}/best.pt --split {split}"
     return f"{command} {options}".strip()
@@ -72,7 +72,7 @@ def evaluate(name: str, options: str = "", split: str = "test") -> str:
 def trained(name: str, description: str, options: str, eval_options: str = "",
             needs: tuple[str, ...] = (EFFNET,), threads: int = 1) -> Row:
     """A row that trains its own run and evaluates it once on test."""
-    return Row(name, description, (train(name, options, threads), evaluate(name, eval_options)),
+    return Row(name, description, (train(name, options, threads), evaluation(name, eval_options)),
                needs, (f"{run_dir(name)}/best.pt",))
 
 
@@ -81,7 +81,7 @@ def fused(run: str, shortlist: str) -> Row:
     options = f"--rerank-topk 100 --coarse-checkpoint {run_dir(shortlist)}/best.pt"
     report = f"{run_dir(run)}/eval-test-rerank100_100-fuse2.json"
     return Row(f"{run}-fused", f"the run of `{run}` re-ranking `{shortlist}`'s top 100 by fine + "
-               "2 × coarse score", (evaluate(run, f"{options} --fuse-weight 2 --json {report}"),),
+               "2 × coarse score", (evaluation(run, f"{options} --fuse-weight 2 --json {report}"),),
                (run, shortlist))
 
 
@@ -238,9 +238,9 @@ def two_branch_rows() -> list[Row]:
         trained("tgdt", "TGDT, 3 epochs, scored by its local (MrSw) branch",
                 '--config configs/f8k_tgdt.yaml --set optim.epochs=3 --set "optim.milestones=[2]"'),
         Row("tgdt-global", "the run of `tgdt` scored by its global branch alone",
-            (evaluate("tgdt", f"--mode global --json {tgdt_global}"),), ("tgdt",)),
+            (evaluation("tgdt", f"--mode global --json {tgdt_global}"),), ("tgdt",)),
         Row("tgdt-two-stage", "the run of `tgdt`: global top 50 re-ranked by the local branch",
-            (evaluate("tgdt", "--rerank-topk 50 --coarse-mode global --mode local"),),
+            (evaluation("tgdt", "--rerank-topk 50 --coarse-mode global --mode local"),),
             ("tgdt",)),
         trained("aladin-teacher", "ALADIN's MrSw teacher, 2 epochs",
                 f"--config configs/f8k_aladin_teacher.yaml {two_epochs}"),
@@ -251,7 +251,7 @@ def two_branch_rows() -> list[Row]:
     ]
     for k in (10, 50, 100):
         rows.append(Row(f"aladin-student-top{k}", f"the student's top {k} re-ranked by the teacher",
-                        (evaluate("aladin-teacher",
+                        (evaluation("aladin-teacher",
                                   f"--rerank-topk {k} --coarse-checkpoint {student}/best.pt"),),
                         ("aladin-teacher", "aladin-student")))
     return rows
@@ -397,7 +397,7 @@ def all_rows() -> list[Row]:
                 f"--rerank-topk 100 --coarse-checkpoint {run_dir('linear-dinov2')}/best.pt",
                 (*both, "linear-dinov2")),
         *(Row(f"{run}-dev250", f"the run of `{run}` on the 250-image dev gallery",
-              (evaluate(run, "--max-images 250", split="dev"),), (run,))
+              (evaluation(run, "--max-images 250", split="dev"),), (run,))
           for run in ("linear", "vse-infonce", "linear-dinov2")),
         Row("bench-rerank-f8k", "the real-data two-stage row of the benchmark table", (bench,),
             ("aladin-teacher", "aladin-student")),

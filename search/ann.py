@@ -36,7 +36,7 @@ def _pq_params(dim: int, count: int) -> tuple[int, int, int]:
     return lists, subs, bits
 
 
-def build_index(kind: str, vectors: np.ndarray, ids: np.ndarray):
+def faiss_index(kind: str, vectors: np.ndarray, ids: np.ndarray):
     """A trained faiss index of ``kind`` holding ``vectors [n, d]`` (float32) under ``ids [n]``."""
     faiss = _faiss()
     vectors = np.ascontiguousarray(vectors, np.float32)

@@ -258,9 +258,9 @@ def build_index(images: str | Path, checkpoint: str | Path, out: str | Path, kin
     vectors = encoded["emb"].float().cpu().numpy()
     embeddings = np.zeros((len(cache), vectors.shape[1]), np.float32)
     embeddings[good] = vectors
-    faiss_index = ann.build_index(kind, vectors, good)
+    ann_index = ann.faiss_index(kind, vectors, good)
     _save_atomic(out / f"embeddings-{build}.npy", lambda tmp: _save_npy(tmp, embeddings))
-    _save_atomic(out / f"index-{build}.faiss", lambda tmp: ann.save_index(faiss_index, tmp))
+    _save_atomic(out / f"index-{build}.faiss", lambda tmp: ann.save_index(ann_index, tmp))
 
     by_path = {p.path: (p, sha) for p, sha, _ in plan.bad} | {p.path: (p, sha) for p, sha in rows}
     norms = np.linalg.norm(vectors, axis=1)
