@@ -16,7 +16,7 @@ import click  # noqa: E402
 from cache.commands import info  # noqa: E402
 from cache.errors import InputError  # noqa: E402
 from extract.commands import demo_data, extract, import_precomp  # noqa: E402
-from heads.commands import evaluate, export_backbone, train_head  # noqa: E402
+from heads.commands import eval_command, export_backbone, train_head  # noqa: E402
 from heads.fit_commands import check_fit  # noqa: E402
 from search.commands import index, search, serve  # noqa: E402
 from viz.commands import explain, plot  # noqa: E402
@@ -27,7 +27,7 @@ def cli() -> None:
     """Cache backbone features once; train and evaluate image-text retrieval heads from them."""
 
 
-for command in (extract, import_precomp, demo_data, info, train_head, check_fit, evaluate,
+for command in (extract, import_precomp, demo_data, info, train_head, check_fit, eval_command,
                 export_backbone, plot, explain, index, search, serve):
     cli.add_command(command)
 

@@ -13,7 +13,6 @@ same run; the target is >= 0.8.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,10 +20,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cache.store import CacheAttrs, ImageCache, ImageCacheWriter  # noqa: E402
-from bench.machine import print_machine  # noqa: E402
+from cache.store import CacheAttrs, ImageCache, ImageCacheWriter
+from machine import print_machine
 
 
 def _write(root: Path, rows: int, tokens: int, dim: int) -> tuple[Path, Path]:

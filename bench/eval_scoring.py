@@ -23,7 +23,6 @@ same run on the same device.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,15 +30,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.machine import print_machine  # noqa: E402
-from cache.batch import TokenBatch  # noqa: E402
-from heads.registry import build_head, head_options, list_heads  # noqa: E402
-from heads.base import Encoded, FeatureSpec, Head, cat_encoded, index_encoded  # noqa: E402
-from heads.layers import l2norm, max_mean_alignment  # noqa: E402
-from heads.layers.patch_slimming import caption_relevance  # noqa: E402
-from heads.eval.scoring import (DEFAULT_CAPTION_BLOCK, DEFAULT_IMAGE_BLOCK, inference,  # noqa: E402
+from machine import print_machine
+from cache.batch import TokenBatch
+from heads.registry import build_head, head_options, list_heads
+from heads.base import Encoded, FeatureSpec, Head, cat_encoded, index_encoded
+from heads.layers import l2norm, max_mean_alignment
+from heads.layers.patch_slimming import caption_relevance
+from heads.eval.scoring import (DEFAULT_CAPTION_BLOCK, DEFAULT_IMAGE_BLOCK, inference,
                            similarity_matrix, synchronize)
 
 REFERENCE_SHARD = 256

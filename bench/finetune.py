@@ -44,7 +44,6 @@ import ctypes
 import ctypes.util
 import gc
 import resource
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,18 +52,16 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cache.batch import IdsBatch, PixelBatch, TokenBatch, as_cached  # noqa: E402
-from cache.device import resolve_device  # noqa: E402
-from cache.errors import InputError  # noqa: E402
-from extract.backbones import create_image_encoder, create_text_encoder  # noqa: E402
-from extract.tails import tail_of  # noqa: E402
-from heads.base import FeatureSpec, Progress  # noqa: E402
-from heads.losses import build_loss  # noqa: E402
-from heads.registry import build_head  # noqa: E402
-from heads.sources import BackboneTokens, TailTokens  # noqa: E402
-from bench.machine import print_machine  # noqa: E402
+from cache.batch import IdsBatch, PixelBatch, TokenBatch, as_cached
+from cache.device import resolve_device
+from cache.errors import InputError
+from extract.backbones import create_image_encoder, create_text_encoder
+from extract.tails import tail_of
+from heads.base import FeatureSpec, Progress
+from heads.losses import build_loss
+from heads.registry import build_head
+from heads.sources import BackboneTokens, TailTokens
+from machine import print_machine
 
 Forward = Callable[[], TokenBatch]
 

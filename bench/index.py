@@ -26,13 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from machine import print_machine
+from cache.store import ImageCache, TextCache
+from heads.checkpoint import load_checkpoint
+from heads.config import cache_paths
 
-from bench.machine import print_machine  # noqa: E402
-from cache.store import ImageCache, TextCache  # noqa: E402
-from heads.checkpoint import load_checkpoint  # noqa: E402
-from heads.config import cache_paths  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _timed(command: list[str]) -> float:

@@ -14,7 +14,7 @@ Real mode: ``--image-cache``, ``--text-cache``, ``--coarse-checkpoint`` and ``--
 (checkpoints of ``train-head``; one checkpoint twice with ``--coarse-mode`` / ``--fine-mode`` for a
 two-branch head).
 
-    python bench/rerank.py --images 1000 --topk 50
+    python bench/rerank.py --images 1000 --rerank-topk 50
     python bench/rerank.py --image-cache features/f30k/test/image-x.h5 \\
         --text-cache features/f30k/test/text-y.h5 --coarse-checkpoint vse.pt --fine-checkpoint scan.pt
 
@@ -24,7 +24,6 @@ work in both and reported apart.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,17 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.machine import print_machine  # noqa: E402
-from cache.store import (CacheAttrs, ImageCache, ImageCacheWriter, TextCache,  # noqa: E402
+from machine import print_machine
+from cache.store import (CacheAttrs, ImageCache, ImageCacheWriter, TextCache,
                          TextCacheWriter)
-from heads.registry import build_head, head_options  # noqa: E402
-from heads.base import FeatureSpec, Head  # noqa: E402
-from heads.checkpoint import load_checkpoint  # noqa: E402
-from heads.model import create_model  # noqa: E402
-from heads.eval.evaluate import evaluate, two_stage  # noqa: E402
-from heads.eval.rerank import parse_topk  # noqa: E402
+from heads.registry import build_head, head_options
+from heads.base import FeatureSpec, Head
+from heads.checkpoint import load_checkpoint
+from heads.model import create_model
+from heads.eval.evaluate import evaluate, two_stage
+from heads.eval.rerank import parse_topk
 
 
 def write_synthetic_split(root: Path, n_img: int, per_image: int, tokens: int, dim: int,
@@ -109,7 +106,7 @@ def main() -> None:
     parser.add_argument("--embed-dim", type=int, default=256)
     parser.add_argument("--coarse", default="linear", help="coarse head (synthetic mode)")
     parser.add_argument("--fine", default="scan", help="fine head (synthetic mode)")
-    parser.add_argument("--topk", default="50", help="k, or k_i2t,k_t2i")
+    parser.add_argument("--rerank-topk", default="50", help="k, or k_i2t,k_t2i")
     parser.add_argument("--fuse-weight", type=float, default=0.0)
     parser.add_argument("--image-cache")
     parser.add_argument("--text-cache")
@@ -122,7 +119,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print_machine()
-    topk = parse_topk(args.topk)
+    topk = parse_topk(args.rerank_topk)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.image_cache:

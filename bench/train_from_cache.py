@@ -15,7 +15,6 @@ a message when ../shared/data is missing.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,20 +24,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cache.batch import TokenBatch
+from cache.datasets import EpochBatches, PairBatches
+from cache.store import ImageCache, TextCache
+from extract.backbones import create_image_encoder, create_text_encoder
+from extract.datasets import SplitIndex, load_rgb, load_split
+from extract.runner import RunOptions, extract_images, extract_texts, limit_split
+from heads.registry import build_head, head_options
+from heads.base import FeatureSpec, Head, Progress
+from heads.losses import build_loss
+from machine import print_machine
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from cache.batch import TokenBatch  # noqa: E402
-from cache.datasets import EpochBatches, PairBatches  # noqa: E402
-from cache.store import ImageCache, TextCache  # noqa: E402
-from extract.backbones import create_image_encoder, create_text_encoder  # noqa: E402
-from extract.datasets import SplitIndex, load_rgb, load_split  # noqa: E402
-from extract.runner import RunOptions, extract_images, extract_texts, limit_split  # noqa: E402
-from heads.registry import build_head, head_options  # noqa: E402
-from heads.base import FeatureSpec, Head, Progress  # noqa: E402
-from heads.losses import build_loss  # noqa: E402
-from bench.machine import print_machine  # noqa: E402
-
 DATA = REPO.parent / "shared" / "data"
 Batch = tuple[TokenBatch, TokenBatch, Tensor]
 

@@ -131,6 +131,29 @@ class CacheAttrs:
         return cls(**kwargs)
 
 
+def photo_folder_extra(root: str | os.PathLike) -> dict[str, str]:
+    """The ``extra`` attributes that record an image cache's photo folder: its absolute path
+    (``images_root``) and the directory the extraction ran in (``extraction_cwd``)."""
+    return {"images_root": str(Path(root).resolve()), "extraction_cwd": os.getcwd()}
+
+
+def recorded_photo_folders(attrs: CacheAttrs, path: str | os.PathLike) -> list[Path]:
+    """Where the photos of the image cache at ``path`` may be, by what it recorded, most likely
+    first ([] when it records no folder). A cache written since folders are recorded absolute
+    gives that folder. An older one may hold a path relative to where its extraction ran: that
+    directory where recorded, else the current directory (as such caches were always read), then
+    the cache file's folder."""
+    root = attrs.extra.get("images_root")
+    if root is None:
+        return []
+    root = Path(root)
+    if root.is_absolute():
+        return [root]
+    cwd = attrs.extra.get("extraction_cwd")
+    bases = [Path(cwd)] if cwd else [Path.cwd(), Path(path).resolve().parent]
+    return [base / root for base in bases]
+
+
 def open_h5(path: str | os.PathLike) -> h5py.File:
     """Open an HDF5 file read-only without taking the file lock, so a file another process is
     writing can be read; a file this process already has open (a writer) is shared as HDF5 requires."""

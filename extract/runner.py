@@ -41,7 +41,8 @@ from tqdm import tqdm
 from cache.errors import InputError
 from cache.progress import progress_bar
 from cache.store import (CacheAttrs, ImageCache, ImageCacheWriter, TextCache, TextCacheWriter,
-                         default_cache_path, merge_shards, open_cache, unsharded)
+                         default_cache_path, merge_shards, open_cache, photo_folder_extra,
+                         unsharded)
 from extract.encoders import ImageEncoder, TextEncoder
 from extract.datasets import ImageDataset, SplitIndex
 from extract.views import ViewImages, Views
@@ -179,7 +180,7 @@ def image_attrs(encoder: ImageEncoder, index: SplitIndex, views: Views = Views()
                       num_tokens=layout.num_tokens, prefix_tokens=layout.prefix_tokens,
                       grid=layout.grid, resolution=encoder.resolution,
                       preprocessing=encoder.preprocessing, dataset=index.dataset, split=index.split,
-                      extra={"images_root": str(index.images_root)}, views=views.count,
+                      extra=photo_folder_extra(index.images_root), views=views.count,
                       augmentation=views.record())
 
 

@@ -62,11 +62,6 @@ class Progress:
     step: int = 0                # global optimisation step
     steps_per_epoch: int = 1
 
-    @property
-    def epoch_fraction(self) -> float:
-        """Fraction of the current epoch done, in [0, 1)."""
-        return (self.step % self.steps_per_epoch) / max(1, self.steps_per_epoch)
-
 
 Criterion = Callable[[Tensor, Tensor, Progress], Tensor]
 """A batch loss: ``criterion(scores [B_img, B_txt], image_ids [B], progress) -> scalar``."""

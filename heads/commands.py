@@ -104,8 +104,8 @@ def train_head(config_path: str | None, head: str | None, features: str | None,
 
 def open_eval_caches(state: dict[str, Any], split: str | None, images: str | None,
                      texts: str | None) -> tuple[ImageCache, TextCache, str]:
-    """The caches to evaluate a checkpoint on: ``--images``/``--texts`` or the split's files under
-    the checkpoint's feature tree (default split: its config's test split)."""
+    """The caches to evaluate a checkpoint on: ``--image-cache``/``--text-cache`` or the split's
+    files under the checkpoint's feature tree (default split: its config's test split)."""
     config = state["config"]
     split = split or config["data"]["test_split"]
     default_images, default_texts = cache_paths(config, split)
@@ -135,8 +135,10 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
               help="A checkpoint of train-head (RUN/best.pt).")
 @click.option("--split", help="Split under the checkpoint's feature tree (default: its test split).")
-@click.option("--images", type=click.Path(dir_okay=False), help="Image cache (instead of --split).")
-@click.option("--texts", type=click.Path(dir_okay=False), help="Text cache (instead of --split).")
+@click.option("--image-cache", "images", type=click.Path(dir_okay=False),
+              help="Image cache file (instead of --split).")
+@click.option("--text-cache", "texts", type=click.Path(dir_okay=False),
+              help="Text cache file (instead of --split).")
 @click.option("--photos", type=click.Path(file_okay=False),
               help="Folder of the split's photos, for a run whose image side is e2e (default: "
                    "the folder its image cache records).")
@@ -148,14 +150,14 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
               help="Report file (default: eval-<split>.json beside the checkpoint).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=int, help="Encoding batch (default: the checkpoint's).")
-@click.option("--rerank-topk", "--topk", "rerank_topk", metavar="K|K_I2T,K_T2I",
+@click.option("--rerank-topk", "rerank_topk", metavar="K|K_I2T,K_T2I",
               help="Two-stage retrieval: shortlist the top K per query by the coarse branch, "
                    "re-rank them with the checkpoint's (fine) branch; misses stay misses.")
-@click.option("--coarse-checkpoint", "--shortlist", "coarse_checkpoint", type=click.Path(dir_okay=False),
+@click.option("--coarse-checkpoint", "coarse_checkpoint", type=click.Path(dir_okay=False),
               help="Coarse (embedding) head for --rerank-topk (default: --checkpoint itself, "
                    "in --coarse-mode).")
 @click.option("--coarse-mode", help="Inference branch of the coarse head, e.g. tgdt 'global'.")
-@click.option("--mode", "--fine-mode", "fine_mode",
+@click.option("--mode", "fine_mode",
               help="Inference branch of the checkpoint's head, e.g. tgdt 'global' or 'local', "
                    "aladin 'student' or 'teacher' (with --rerank-topk: the fine branch).")
 @click.option("--fuse-weight", type=float, default=0.0, show_default=True,
@@ -163,7 +165,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 @click.option("--max-images", type=click.IntRange(min=1), metavar="N",
               help="One gallery of the split's first N images and their captions (protocol "
                    "full): the gallery eval.dev_images selects on.")
-def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str | None,
+def eval_command(checkpoint: str, split: str | None, images: str | None, texts: str | None,
              photos: str | None, protocol: str | None, save_sims: str | None, json_out: str | None, device: str,
              batch_size: int | None, rerank_topk: str | None, coarse_checkpoint: str | None,
              coarse_mode: str | None, fine_mode: str | None, fuse_weight: float,
@@ -175,7 +177,7 @@ def evaluate(checkpoint: str, split: str | None, images: str | None, texts: str 
     cli eval --checkpoint runs/coco_vse/best.pt --split testall --protocol coco1k
     cli eval --checkpoint runs/f30k_tgdt/best.pt --mode global
     cli eval --checkpoint runs/f30k_tgdt/best.pt --rerank-topk 50,100 --coarse-mode global \
-        --fine-mode local
+        --mode local
     cli eval --checkpoint runs/f30k_scan/best.pt --rerank-topk 50 \
         --coarse-checkpoint runs/f30k_vse/best.pt
     """

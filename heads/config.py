@@ -131,11 +131,6 @@ def longest_prefix(name: str, prefixes: Iterable[str]) -> str | None:
     return max(matches, key=len) if matches else None
 
 
-def default_config() -> dict[str, Any]:
-    """A fresh copy of the defaults."""
-    return copy.deepcopy(DEFAULTS)
-
-
 # ----------------------------------------------------------------------------------------- files
 
 

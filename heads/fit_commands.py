@@ -57,6 +57,7 @@ def check_fit(configs: tuple[str, ...], overrides: tuple[str, ...], num_images: 
         results.append((path, result))
     click.echo(format_fit_table(results, target))
     if report:
+        Path(report).parent.mkdir(parents=True, exist_ok=True)
         Path(report).write_text(json.dumps(
             {"num_images": num_images, "target": target, "overrides": list(overrides),
              "results": {label: r.to_dict() for label, r in results}}, indent=2) + "\n")

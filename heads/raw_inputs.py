@@ -34,7 +34,7 @@ from PIL import Image
 
 from cache.batch import IdsBatch, PixelBatch
 from cache.errors import InputError
-from cache.store import ImageCache, TextCache
+from cache.store import ImageCache, TextCache, recorded_photo_folders
 from extract.datasets import load_rgb
 from extract.tar_members import photo_exists
 
@@ -123,19 +123,23 @@ class CaptionIds:
 
 def images_root(images: ImageCache, override: str | Path | None) -> Path:
     """Where the photos of an image cache are: ``override`` (``data.images_root``, ``cli eval
-    --images``) or the folder recorded at extraction (``extra.images_root``)."""
-    recorded = images.attrs.extra.get("images_root")
-    root = override if override is not None else recorded
-    if root is None:
+    --photos``) or the folder recorded at extraction (`recorded_photo_folders`)."""
+    if override is not None:
+        if not Path(override).is_dir():
+            raise InputError(f"{override}: the photo folder given does not exist; an e2e image "
+                             "side reads the photos: set data.images_root (cli eval: --photos DIR)")
+        return Path(override)
+    candidates = recorded_photo_folders(images.attrs, images.path)
+    if not candidates:
         raise InputError(f"{images.path}: the cache does not record where its photos are (written "
                          "from precomputed features?); an e2e image side needs them: set "
-                         "data.images_root (cli eval: --images DIR)")
-    root = Path(root)
-    if not root.is_dir():
-        said = "given" if override is not None else f"recorded in {images.path}"
-        raise InputError(f"{root}: the photo folder {said} does not exist; an e2e image side "
-                         "reads the photos: set data.images_root (cli eval: --images DIR)")
-    return root
+                         "data.images_root (cli eval: --photos DIR)")
+    for root in candidates:
+        if root.is_dir():
+            return root
+    tried = " nor ".join(str(root) for root in candidates)
+    raise InputError(f"{tried}: the photo folder recorded in {images.path} does not exist; an e2e "
+                     "image side reads the photos: set data.images_root (cli eval: --photos DIR)")
 
 
 class PhotoFiles:
@@ -152,7 +156,7 @@ class PhotoFiles:
         if missing:
             raise InputError(f"{self.root / missing[0]}: photo of {self.where} not found "
                              f"({len(missing)} of {len(self.paths)} missing); set "
-                             "data.images_root (cli eval: --images DIR) to their folder")
+                             "data.images_root (cli eval: --photos DIR) to their folder")
 
     def photo(self, row: int) -> torch.Tensor:
         return self.transform(load_rgb(self.root / self.paths[row]))

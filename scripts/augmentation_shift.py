@@ -18,23 +18,19 @@ epoch goes to the augmentation rather than to tuning.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cache.batch import InputBatch  # noqa: E402
-from cache.datasets import PairBatches, caption_batches  # noqa: E402
-from cache.store import ImageCache, TextCache  # noqa: E402
-from heads.base import Progress  # noqa: E402
-from heads.checkpoint import load_checkpoint  # noqa: E402
-from heads.losses import build_loss  # noqa: E402
-from heads.model import RetrievalModel, create_model  # noqa: E402
-from heads.sources import BackboneTokens, build_source  # noqa: E402
-from heads.train import open_split  # noqa: E402
+from cache.batch import InputBatch
+from cache.datasets import PairBatches, caption_batches
+from cache.store import ImageCache, TextCache
+from heads.base import Progress
+from heads.checkpoint import load_checkpoint
+from heads.losses import build_loss
+from heads.model import RetrievalModel, create_model
+from heads.sources import BackboneTokens, build_source
+from heads.train import open_split
 
 
 def main() -> None:

@@ -7,16 +7,13 @@ as a PNG reduced to ``--width`` pixels and 128 colours.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import search  # noqa: E402
-from search.server import make_server  # noqa: E402
+import search
+from search.server import make_server
 
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync")

@@ -9,7 +9,7 @@ rows of the index's image cache) whatever the kind:
 * ``ivf-pq``: ``IndexIVFPQ`` over about 4 sqrt(n) lists (at least 39 training points each),
   ``d / 4`` sub-quantisers (the largest divisor of d up to that) of up to 8 bits (fewer below
   10,000 photos: each of the 2^bits centroids gets 39 training points), 16 lists probed per query. Compressed: for
-  millions of photos on little memory; recall is below 1 (see bench/search.py). Fewer than
+  millions of photos on little memory; recall is below 1 (see bench/index_kinds.py). Fewer than
   `MIN_IVF_PQ` photos cannot train it: `fitting_kind` gives ``flat`` for them (cli index notes it).
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _pq_params(dim: int, count: int) -> tuple[int, int, int]:
     return lists, subs, bits
 
 
-def build_index(kind: str, vectors: np.ndarray, ids: np.ndarray):
+def faiss_index(kind: str, vectors: np.ndarray, ids: np.ndarray):
     """A trained faiss index of ``kind`` holding ``vectors [n, d]`` (float32) under ``ids [n]``."""
     faiss = _faiss()
     vectors = np.ascontiguousarray(vectors, np.float32)

@@ -50,10 +50,12 @@ def index(images: str, checkpoint: str, out: str, kind: str, device: str, batch_
 @click.option("-k", "k", type=int, default=20, show_default=True, help="Results to show.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False),
               help="The run the index was built with, if it moved (default: the manifest's).")
-@click.option("--rerank", type=int, metavar="K",
-              help="Re-score the first K hits of a text query with --fine (then show -k).")
-@click.option("--fine", type=click.Path(dir_okay=False),
-              help="A run with an interaction branch (scan, laps, caa, tgdt, ...) for --rerank.")
+@click.option("--rerank-topk", "rerank", type=int, metavar="K",
+              help="Re-score the first max(-k, K) hits of a text query with --fine-checkpoint, "
+                   "then show -k.")
+@click.option("--fine-checkpoint", "fine", type=click.Path(dir_okay=False),
+              help="A run with an interaction branch (scan, laps, caa, tgdt, ...) for "
+                   "--rerank-topk.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False),
               help="Also write a gallery page with thumbnails to this file.")
@@ -69,7 +71,8 @@ def search(index_dir: str, query: str | None, image: str | None, k: int, checkpo
     if (query is None) == (image is None):
         raise InputError("give a text QUERY or --image PHOTO (one of them)")
     if (rerank is None) != (fine is None) or (rerank is not None and image is not None):
-        raise InputError("--rerank K and --fine RUN/best.pt go together, with a text query")
+        raise InputError("--rerank-topk K and --fine-checkpoint RUN/best.pt go together, with a "
+                         "text query")
     opened = open_index(index_dir, checkpoint, resolve_device(device))
     if image is not None:
         results = opened.query_image(image, k)

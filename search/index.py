@@ -414,9 +414,9 @@ def _build_locked(run: _Run, lock: IO[str], previous: dict[str, Any]) -> BuildRe
     built_kind = ann.fitting_kind(kind, len(good))
     if built_kind != kind:
         notes.append(ann.fallback_note(kind, len(good)))
-    faiss_index = ann.build_index(built_kind, vectors, good)
+    ann_index = ann.faiss_index(built_kind, vectors, good)
     _save_atomic(out / f"embeddings-{build}.npy", lambda tmp: _save_npy(tmp, embeddings))
-    _save_atomic(out / f"index-{build}.faiss", lambda tmp: ann.save_index(faiss_index, tmp))
+    _save_atomic(out / f"index-{build}.faiss", lambda tmp: ann.save_index(ann_index, tmp))
 
     norms = np.linalg.norm(vectors, axis=1)
     new_manifest = {

@@ -37,7 +37,8 @@ def embedding_mode(state: dict[str, Any]) -> str | None:
         usable = [name for name in list_heads() if _branches(name, "embedding")]
         raise InputError(f"{state['path']}: head {state['head_name']!r} has no embedding branch "
                          f"and cannot index photos; heads that can: {', '.join(usable)} (use this "
-                         "run for re-ranking: cli search --rerank K --fine RUN/best.pt)")
+                         "run for re-ranking: cli search --rerank-topk K --fine-checkpoint "
+                         "RUN/best.pt)")
     return modes[0]
 
 
@@ -47,7 +48,8 @@ def interaction_mode(state: dict[str, Any]) -> str | None:
     modes = _branches(state["head_name"], "interaction")
     if not modes:
         raise InputError(f"{state['path']}: head {state['head_name']!r} has no interaction branch "
-                         "to re-rank with (--fine takes e.g. a scan, laps, caa or tgdt run)")
+                         "to re-rank with (--fine-checkpoint takes e.g. a scan, laps, caa or tgdt "
+                         "run)")
     return modes[0]
 
 

@@ -224,13 +224,14 @@ class Index:
         """``results`` of a text query with its first ``top`` hits re-scored and re-ordered by the
         interaction branch of the run ``fine``; the other hits follow in their order."""
         if top < 1:
-            raise InputError(f"--rerank must be >= 1, got {top}")
+            raise InputError(f"--rerank-topk must be >= 1, got {top}")
         state = load_checkpoint(fine)
         try:
             model = load_model(state, self.cache, interaction_mode(state))
         except CacheMismatchError as err:
-            raise InputError(f"--fine {fine}: it was trained on other image features than the "
-                             f"index's cache ({err}); index with a run on its backbone") from None
+            raise InputError(f"--fine-checkpoint {fine}: it was trained on other image features "
+                             f"than the index's cache ({err}); index with a run on its backbone"
+                             ) from None
         encoder = (self.text_encoder if state["features"]["text"] == self.state["features"]["text"]
                    else text_encoder(state["features"]["text"], str(fine)))
         texts, notes = encode_text(model, encoder, results.query, self.device)

@@ -1,5 +1,7 @@
-"""README.md as a contract: every ``cli`` invocation it shows parses, every repository path it names
-exists, and its per-row commands are the ones ``scripts/reproduce.py`` runs. Nothing is executed."""
+"""README.md and the pages of docs/ as a contract: every ``cli`` invocation they show parses, every
+repository path and relative link they name exists, README's Layout lists every module, and the
+per-row commands of docs/results.md are the ones ``scripts/reproduce.py`` runs. Nothing is
+executed."""
 from __future__ import annotations
 
 import importlib.util
@@ -14,9 +16,13 @@ import pytest
 
 from cli import cli
 from heads.commands import resolve_train_config
+from heads.registry import list_heads
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+PAGES = {path.relative_to(ROOT).as_posix(): path.read_text(encoding="utf-8")
+         for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
+RESULTS = PAGES["docs/results.md"]
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 # Repository paths: a top-level folder of the repo, or a root file; not a part of a longer path
 # (runs/..., features/..., ../shared/..., demo/... never match).
@@ -24,6 +30,7 @@ REPO_PATH = re.compile(r"(?<![\w./$~-])((?:configs|heads|bench|scripts|extract|c
                        r"docs|tests)/[\w./<>{},*-]*|requirements[\w-]*\.txt|Makefile|setup\.cfg|"
                        r"pyproject\.toml|cli\.py)")
 CONFIG_NAME = re.compile(r"(?<![\w./-])((?:f8k|f30k|coco|demo)_[\w<>{},-]*\.yaml)")
+LINK = re.compile(r"\]\(([^()\s]+)\)")
 
 
 def _load_reproduce() -> ModuleType:
@@ -50,7 +57,7 @@ def without_layout(text: str) -> str:
 
 
 def generated(text: str) -> str:
-    """The part of the README that ``scripts/reproduce.py --markdown`` writes."""
+    """The part of docs/results.md that ``scripts/reproduce.py --markdown`` writes."""
     start = text.index(reproduce.BEGIN)
     return text[start:text.index(reproduce.END) + len(reproduce.END)]
 
@@ -162,17 +169,18 @@ TRAINING_ROWS = [row for row in reproduce.ROWS.values()
 # ------------------------------------------------------------------------------ commands
 
 
-def test_every_cli_invocation_parses() -> None:
-    problems = readme_invocation_problems(README)
-    assert not problems, "README invocations that cli.py rejects:\n" + "\n".join(problems)
+@pytest.mark.parametrize("page", PAGES)
+def test_every_cli_invocation_parses(page: str) -> None:
+    problems = readme_invocation_problems(PAGES[page])
+    assert not problems, f"{page}: invocations that cli.py rejects:\n" + "\n".join(problems)
 
 
 def test_the_option_table_names_options_of_cli_extract() -> None:
-    table = sections(README)["Walk-through on Flickr8k (the real data of `../shared/data`)"]
+    table = PAGES["docs/cache.md"]
     table = table[table.index("| option | meaning |"):table.index("Default encoders")]
     options = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", table))
     unknown = sorted(options - option_names(cli.commands["extract"]))
-    assert options and not unknown, f"README's cli extract table: no such options {unknown}"
+    assert options and not unknown, f"docs/cache.md's cli extract table: no such options {unknown}"
 
 
 def test_the_checks_catch_a_bad_option_a_bad_command_and_a_missing_path() -> None:
@@ -192,9 +200,47 @@ def test_the_checks_catch_a_bad_option_a_bad_command_and_a_missing_path() -> Non
 # ------------------------------------------------------------------------------ paths
 
 
-def test_every_repository_path_exists() -> None:
-    missing = missing_paths(without_layout(README))
-    assert not missing, f"README names paths that are not in the repository: {missing}"
+@pytest.mark.parametrize("page", PAGES)
+def test_every_repository_path_exists(page: str) -> None:
+    missing = missing_paths(without_layout(PAGES[page]))
+    assert not missing, f"{page} names paths that are not in the repository: {missing}"
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def broken_links(page: str, text: str) -> list[str]:
+    """Relative links of ``text`` (the page ``page``) to a missing file or heading."""
+    def anchors(markdown: str) -> set[str]:
+        return {anchor(h) for h in re.findall(r"^#+ (.+)$", FENCE.sub("", markdown), re.MULTILINE)}
+
+    broken = []
+    for target in LINK.findall(FENCE.sub("", text)):
+        if re.match(r"[a-z]+:", target):
+            continue                                   # http(s):, mailto:
+        file, _, fragment = target.partition("#")
+        path = (ROOT / page).parent / file
+        if file and not path.exists():
+            broken.append(target)
+        elif fragment and fragment not in anchors(path.read_text() if file else text):
+            broken.append(target)
+    return broken
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_relative_link_resolves(page: str) -> None:
+    broken = broken_links(page, PAGES[page])
+    assert not broken, f"{page} links to missing files or headings: {broken}"
+
+
+def test_the_link_check_catches_a_missing_page_and_heading() -> None:
+    text = ("[a](docs/results.md#commands-of-every-row) [b](docs/nothing.md) "
+            "[c](docs/results.md#no-such-heading) [d](https://example.org/x.md) [e](#a-heading) "
+            "[f](#nowhere)\n\n## A heading\n")
+    assert broken_links("README.md", text) == ["docs/nothing.md",
+                                               "docs/results.md#no-such-heading", "#nowhere"]
 
 
 def layout_entries(section: str) -> dict[str, str]:
@@ -241,35 +287,70 @@ def test_the_layout_lists_every_module() -> None:
 
 
 def test_generated_section_is_what_reproduce_renders() -> None:
-    assert generated(README) + "\n" == reproduce.render_markdown(), (
-        "README's commands of every row differ from scripts/reproduce.py: paste the output of "
-        "`python scripts/reproduce.py --markdown` over the generated section")
+    assert generated(RESULTS) + "\n" == reproduce.render_markdown()
+    assert reproduce.render_results(RESULTS) == RESULTS, (
+        "docs/results.md's commands of every row differ from scripts/reproduce.py: run "
+        "`python scripts/reproduce.py --markdown`")
+
+
+def test_markdown_rewrites_only_the_generated_section(tmp_path: Path) -> None:
+    page = tmp_path / "results.md"
+    stale = RESULTS.replace(generated(RESULTS), f"{reproduce.BEGIN}\nold\n{reproduce.END}")
+    page.write_text(stale)
+    assert reproduce.write_results(page) and page.read_text() == RESULTS
+    assert not reproduce.write_results(page)
+    page.write_text("# Results\n\nno generated section\n")
+    with pytest.raises(ValueError, match="no generated section"):
+        reproduce.write_results(page)
 
 
 def test_every_table_row_is_a_registry_row_and_every_row_is_named() -> None:
-    results = sections(README)["Results on Flickr8k (1K test)"]
-    tables = results.replace(generated(README), "")
+    results = sections(RESULTS)["Results on Flickr8k (1K test)"]
+    tables = results.replace(generated(RESULTS), "")
     in_tables = re.findall(r"^\| `([\w-]+)` \|", tables, re.MULTILINE)
     assert set(in_tables) - set(reproduce.ROWS) == set()
-    outside = README.replace(generated(README), "")
+    outside = RESULTS.replace(generated(RESULTS), "")
     unnamed = [name for name in reproduce.ROWS if f"`{name}`" not in outside]
-    assert not unnamed, f"rows of scripts/reproduce.py that README never names: {unnamed}"
+    assert not unnamed, f"rows of scripts/reproduce.py that docs/results.md never names: {unnamed}"
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """``{row name: its cells}`` of the markdown table lines of ``text`` that name a row in a cell
+    of their own (bold marks dropped)."""
+    rows: dict[str, list[str]] = {}
+    for line in re.findall(r"^\|.*\|$", text, re.MULTILINE):
+        cells = [cell.strip().strip("*") for cell in line.strip("|").split("|")]
+        names = [cell[1:-1] for cell in cells if re.fullmatch(r"`[\w-]+`", cell)
+                 and cell[1:-1] in reproduce.ROWS]
+        if names:
+            rows.setdefault(names[-1], cells)
+    return rows
+
+
+def test_the_readme_results_are_the_full_tables_numbers() -> None:
+    """Each row of README's results table shows the recalls and rsum of that row in
+    docs/results.md."""
+    full = table_rows(sections(RESULTS)["Results on Flickr8k (1K test)"].replace(
+        generated(RESULTS), ""))
+    shown = table_rows(sections(README)["Results on Flickr8k (1K test)"])
+    assert {cells[0].strip("`") for cells in shown.values()} == set(list_heads())
+    for name, cells in shown.items():
+        assert cells[-3:] == full[name][3:6], name
 
 
 def test_walkthrough_commands_are_row_commands() -> None:
-    walk = sections(README)["Walk-through on Flickr8k (the real data of `../shared/data`)"]
-    walk = walk[:walk.index("### Stage one")]
+    walk = sections(README)["Flickr8k in three commands"]
     commands = {" ".join(shlex.split(c)) for row in reproduce.ROWS.values() for c in row.commands}
     shown = [line.replace("$D", reproduce.DATA) for line in code_lines(walk)
              if cli_args(line)[:1] in (["extract"], ["train-head"], ["eval"])]
-    assert len(shown) == 4
+    assert len(shown) == 3
     for line in shown:
         assert " ".join(shlex.split(line, comments=True)) in commands, line
 
 
 def test_benchmark_row_command_is_the_benchmark_tables() -> None:
     (command,) = reproduce.ROWS["bench-rerank-f8k"].commands
-    assert f"`{command}`" in sections(README)["Benchmarks"]
+    assert f"`{command}`" in sections(RESULTS)["Benchmarks"]
 
 
 def test_training_rows_have_their_own_run_folders() -> None:

@@ -22,8 +22,8 @@ from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from heads.base import Encoded, index_encoded, num_items
 from heads.model import Retriever
-from heads.eval.metrics import (Subset, captions_per_image, fold_indices, local_caption_image,
-                               mean_metrics, protocol_subsets, recall_metrics)
+from heads.eval.metrics import (Subset, captions_per_image, fold_indices, gallery_metrics,
+                                local_caption_image, mean_metrics, protocol_subsets)
 from heads.eval.rerank import FineScorer, rerank
 from heads.eval.scoring import (DEFAULT_CAPTION_BLOCK, DEFAULT_IMAGE_BLOCK, DEFAULT_PAIR_BATCH,
                            encode_cache, score_pairs, similarity_matrix, synchronize)
@@ -89,9 +89,7 @@ def evaluate(head: Retriever, image_cache: ImageCache, text_cache: TextCache,
                                   device, image_block, caption_block, progress)
                 for images, captions in subsets]
     start = _timed(seconds, "score", device, start)
-    metrics = mean_metrics([recall_metrics(sims, local_caption_image(caption_image, subset,
-                                                                     len(image_cache)))
-                            for sims, subset in zip(matrices, subsets)])
+    metrics = gallery_metrics(matrices, subsets, caption_image, len(image_cache))
     _timed(seconds, "metrics", device, start)
     if save_sims is not None:
         _save(save_sims, matrices, subsets, caption_image)

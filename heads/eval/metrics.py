@@ -194,17 +194,14 @@ def protocol_subsets(num_images: int, caption_image: Tensor, protocol: str,
     return subsets(num_images, torch.as_tensor(caption_image).long().cpu())
 
 
-def protocol_metrics(sims: Tensor, caption_image: Tensor, protocol: str,
-                     source: str = "") -> dict[str, float]:
-    """Metrics of ``protocol``: "full" (the whole split, e.g. Flickr 1K test), "coco5k" (the whole
-    5K test) or "coco1k" (each metric, rsum too, averaged over the five contiguous 1,000-image
-    folds of the 5K test and their captions). ``source`` names the file in error messages."""
-    sims = torch.as_tensor(sims)
-    caption_image = check_caption_image(caption_image, sims.shape[0], sims.shape[1], source)
-    return mean_metrics([
-        recall_metrics(_block(sims, subset),
-                       local_caption_image(caption_image, subset, sims.shape[0]))
-        for subset in protocol_subsets(sims.shape[0], caption_image, protocol, source)])
+def gallery_metrics(matrices: list[Tensor], subsets: list[Subset], caption_image: Tensor,
+                    num_images: int) -> dict[str, float]:
+    """Metrics of a protocol's galleries (``protocol_subsets``) from the similarity matrix of each
+    (``[gallery images, gallery captions]``): "full" and "coco5k" have one gallery, "coco1k" five,
+    and each metric, rsum too, is their mean."""
+    return mean_metrics([recall_metrics(sims, local_caption_image(caption_image, subset,
+                                                                  num_images))
+                         for sims, subset in zip(matrices, subsets, strict=True)])
 
 
 def captions_per_image(caption_image: Tensor, num_images: int) -> dict[str, float]:

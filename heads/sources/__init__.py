@@ -7,9 +7,6 @@ from heads.sources.cache import CachedTokens
 from heads.sources.tail import TailTokens
 from heads.sources.e2e import BackboneTokens
 
-SOURCE_KINDS = tuple(list_sources())
-"""The kinds that ship with the toolkit (``data.<side>_source``)."""
-
-__all__ = ["EPOCH_UNITS", "SOURCE_KINDS", "BackboneTokens", "CachedTokens", "SourceOptions",
+__all__ = ["EPOCH_UNITS", "BackboneTokens", "CachedTokens", "SourceOptions",
            "TailTokens", "TokenSource", "build_source", "list_sources", "register_source",
            "source_class", "source_kinds"]

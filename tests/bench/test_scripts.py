@@ -38,31 +38,31 @@ def test_eval_scoring_scan():
 
 def test_rerank_synthetic():
     out = run_bench("rerank.py", "--images", "20", "--captions-per-image", "2", "--tokens", "5",
-                    "--dim", "16", "--vocab", "20", "--embed-dim", "8", "--topk", "5",
+                    "--dim", "16", "--vocab", "20", "--embed-dim", "8", "--rerank-topk", "5",
                     "--threads", "1")
     assert re.search(r"speed-up \(excluding encoding\) \d+\.\dx", out), out
 
 
 def test_extract(shared_data, tmp_path):
-    out = run_bench("extract.py", "--limit", "4", "--batch-size", "2", "--workers", "0",
+    out = run_bench("extraction.py", "--limit", "4", "--batch-size", "2", "--workers", "0",
                     "--repeats", "1", "--device", "cpu")
     assert re.search(r"ratio runner/bare = \d+\.\d+", out), out
 
 
 def test_extract_layers(shared_data, tmp_path):
-    out = run_bench("extract.py", "--limit", "4", "--batch-size", "2", "--workers", "0",
+    out = run_bench("extraction.py", "--limit", "4", "--batch-size", "2", "--workers", "0",
                     "--repeats", "1", "--device", "cpu", "--layers", "3,-1")
     assert re.search(r"ratio one pass / per layer = \d+\.\d+", out), out
 
 
 def test_extract_views(shared_data, tmp_path):
-    out = run_bench("extract.py", "--limit", "4", "--batch-size", "2", "--workers", "0",
+    out = run_bench("extraction.py", "--limit", "4", "--batch-size", "2", "--workers", "0",
                     "--repeats", "1", "--device", "cpu", "--views", "3")
     assert re.search(r"ratio 3 views / one view = \d+\.\d+", out), out
 
 
 def test_extract_formats(shared_data, tmp_path):
-    out = run_bench("extract.py", "--limit", "4", "--batch-size", "2", "--workers", "0",
+    out = run_bench("extraction.py", "--limit", "4", "--batch-size", "2", "--workers", "0",
                     "--repeats", "1", "--device", "cpu", "--formats", "f8k,csv,wds",
                     "--per-shard", "3")
     assert re.search(r"ratio rows/s vs f8k: f8k 1\.000, csv \d+\.\d+, wds \d+\.\d+", out), out
@@ -87,7 +87,8 @@ def test_finetune():
 
 
 def test_search():
-    out = run_bench("search.py", "--n", "400", "--dim", "16", "--queries", "5", "--threads", "1")
+    out = run_bench("index_kinds.py", "--n", "400", "--dim", "16", "--queries", "5",
+                    "--threads", "1")
     for kind in ("hnsw", "ivf-pq"):
         assert re.search(rf"ratio {kind}/flat: build \d+\.\d+, p50 latency \d+\.\d+, "
                          rf"recall@10 \d\.\d+", out), out

@@ -68,6 +68,20 @@ def files(out: Path, split: str = "train") -> tuple[Path, Path]:
 # ------------------------------------------------------------------------------------------ output
 
 
+def test_extract_records_the_photo_folder_absolute_and_where_it_ran(demo, tiny, tmp_path,
+                                                                    monkeypatch):
+    """``--images`` given relative is recorded absolute, so e2e runs and ``cli eval`` started
+    elsewhere find the photos; the directory the extraction ran in is recorded beside it."""
+    copy_demo(demo, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code, output = run_cli(*tiny_args(Path("data"), Path("out"), tiny, "--split", "test",
+                                      "--limit", 2))
+    assert code == 0, output
+    extra = ImageCache(files(tmp_path / "out", "test")[0]).attrs.extra
+    assert extra == {"images_root": str((tmp_path / "data" / "images").resolve()),
+                     "extraction_cwd": str(tmp_path.resolve())}
+
+
 def test_extract_writes_caches_equal_to_a_direct_forward(demo, tiny, tmp_path):
     code, output = run_cli(*tiny_args(demo, tmp_path, tiny, "--split", "train,test", "--limit", 12,
                                       "--batch-size", 5))

@@ -133,7 +133,7 @@ def test_error_paths(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixt
     other = tmp_path / "other"
     image_path, text_path = write_split(other, "test", 10, encoder="another")
     code, _, err = run_cli(monkeypatch, capsys, "eval", "--checkpoint", str(run / "best.pt"),
-                           "--images", str(image_path), "--texts", str(text_path))
+                           "--image-cache", str(image_path), "--text-cache", str(text_path))
     _one_line_error(code, err, str(image_path), "encoder")
     code, _, err = run_cli(monkeypatch, capsys, "eval", "--checkpoint", str(run / "best.pt"),
                            "--split", "val")

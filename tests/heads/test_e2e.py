@@ -322,3 +322,38 @@ def test_photos_without_a_recorded_folder_and_tokenizers_without_mask_are_refuse
     tokenizer = BertTokenizer(vocab_file=str(tmp_path / "vocab.txt"), mask_token=None)
     with pytest.raises(InputError, match="has no \\[MASK\\] token.*data.text_augment=0"):
         WordPieceAugment.for_tokenizer(tokenizer)
+
+
+def test_a_relative_photo_folder_of_an_older_cache_resolves_where_its_extraction_ran(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Caches written before folders were recorded absolute hold the ``--images`` path as typed:
+    relative to the recorded extraction directory, else to the current directory (as they were
+    always read), else to the cache file's folder."""
+    import h5py
+
+    from cache.errors import InputError
+    from heads.raw_inputs import images_root
+    from tests.heads.synthetic_caches import write_dataset
+
+    path = next(write_dataset(tmp_path / "synthetic", train=4, dev=2, test=2).rglob("image-*.h5"))
+
+    def record(**extra: str) -> ImageCache:
+        with h5py.File(path, "r+") as f:
+            f.attrs["extra"] = json.dumps(extra)
+        return ImageCache(path)
+
+    ran_in, elsewhere = tmp_path / "ran_in", tmp_path / "elsewhere"
+    (ran_in / "photos").mkdir(parents=True)
+    (path.parent / "photos").mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert images_root(record(images_root="photos", extraction_cwd=str(ran_in)), None) == (
+        ran_in / "photos")
+    assert images_root(record(images_root="photos"), None) == path.parent.resolve() / "photos"
+    (elsewhere / "photos").mkdir()
+    assert images_root(record(images_root="photos"), None) == elsewhere / "photos"
+    absolute = record(images_root=str(ran_in / "photos"), extraction_cwd=str(elsewhere))
+    assert images_root(absolute, None) == ran_in / "photos"
+    with pytest.raises(InputError, match=r"nowhere: the photo folder recorded in .*image-.*\.h5 "
+                                         r"does not exist.*--photos DIR"):
+        images_root(record(images_root="nowhere", extraction_cwd=str(ran_in)), None)

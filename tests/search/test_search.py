@@ -1,6 +1,6 @@
 """``cli search``: the table, JSON and gallery page of a text or photo query, a query longer than
-the tokenizer's limit, re-ranking a shortlist of K with an interaction head (``--fine``) whatever
-``-k`` shows, and the errors of a moved run or photo folder."""
+the tokenizer's limit, re-ranking a shortlist of K with an interaction head
+(``--fine-checkpoint``) whatever ``-k`` shows, and the errors of a moved run or photo folder."""
 from __future__ import annotations
 
 import json
@@ -74,8 +74,8 @@ def test_rerank_rescoring_the_shortlist_with_an_interaction_head(
     assert all(h.coarse is not None for h in head)
     assert [h.path for h in reranked.hits[4:]] == [h.path for h in coarse.hits[4:]]
     assert [h.rank for h in reranked.hits] == list(range(1, 7))
-    code, output = run_cli("search", indexed, "a red circle", "-k", 6, "--rerank", 4, "--fine",
-                           fine, "--json", "--device", "cpu")
+    code, output = run_cli("search", indexed, "a red circle", "-k", 6, "--rerank-topk", 4,
+                           "--fine-checkpoint", fine, "--json", "--device", "cpu")
     assert code == 0, output
     assert [h["path"] for h in json.loads(output)["hits"]] == [h.path for h in reranked.hits]
     code, output = run_cli("search", indexed, "a red circle", "-k", 2, "--rerank", 6, "--fine",
@@ -89,11 +89,11 @@ def test_rerank_rescoring_the_shortlist_with_an_interaction_head(
     state["features"]["image"]["layer"] = 1
     other = tmp_path / "other.pt"
     torch.save({k: v for k, v in state.items() if k != "path"}, other)
-    code, message = run_cli("search", indexed, "a red circle", "--rerank", 4, "--fine", other,
-                            "--device", "cpu")
+    code, message = run_cli("search", indexed, "a red circle", "--rerank-topk", 4,
+                            "--fine-checkpoint", other, "--device", "cpu")
     assert code == 2 and "other image features than the index's cache" in message, message
-    code, message = run_cli("search", indexed, "a red circle", "--rerank", 4, "--fine",
-                            photo_world.checkpoint, "--device", "cpu")
+    code, message = run_cli("search", indexed, "a red circle", "--rerank-topk", 4,
+                            "--fine-checkpoint", photo_world.checkpoint, "--device", "cpu")
     assert code == 2 and "no interaction branch" in message
 
 

@@ -6,9 +6,18 @@ import pytest
 import torch
 
 from cache.errors import InputError
-from heads.eval.metrics import (METRIC_KEYS, fold, fold_indices, i2t_ranks, protocol_metrics,
-                                recall_metrics, t2i_ranks)
+from heads.eval.metrics import (METRIC_KEYS, fold, fold_indices, gallery_metrics, i2t_ranks,
+                                protocol_subsets, recall_metrics, t2i_ranks)
 from tests.heads.eval.eval_world import recalls_of_ranks
+
+
+def protocol_metrics(sims: torch.Tensor, caption_image: torch.Tensor, protocol: str,
+                     source: str = "") -> dict[str, float]:
+    """The metrics of ``protocol`` from a whole split's matrix, as ``evaluate`` gets them from the
+    matrix of each gallery."""
+    subsets = protocol_subsets(sims.shape[0], caption_image, protocol, source)
+    return gallery_metrics([sims[images][:, captions] for images, captions in subsets], subsets,
+                           caption_image, sims.shape[0])
 
 
 def reference_ranks(sims: np.ndarray, caption_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

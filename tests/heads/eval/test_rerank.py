@@ -192,14 +192,14 @@ def _save_head(path: Path, name: str, image, text) -> Path:
 def test_eval_command_two_stage(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from heads.commands import evaluate as eval_command
+    from heads.commands import eval_command
 
     image, text = write_split(tmp_path)
     paths = {name: _save_head(tmp_path / f"{name}.pt", name, image, text) for name in ("vse", "scan")}
     report = tmp_path / "report.json"
     result = CliRunner().invoke(eval_command, [
         "--checkpoint", str(paths["scan"]), "--coarse-checkpoint", str(paths["vse"]),
-        "--images", str(image.path), "--texts", str(text.path), "--rerank-topk", "5,3",
+        "--image-cache", str(image.path), "--text-cache", str(text.path), "--rerank-topk", "5,3",
         "--device", "cpu", "--json", str(report)])
     assert result.exit_code == 0, result.output
     assert "coarse only:" in result.output and "two-stage:" in result.output
@@ -211,11 +211,11 @@ def test_eval_command_two_stage(tmp_path: Path) -> None:
 def test_eval_command_mode_selects_the_branch(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from heads.commands import evaluate as eval_command
+    from heads.commands import eval_command
 
     image, text = write_split(tmp_path)
     checkpoint = _save_head(tmp_path / "tgdt.pt", "tgdt", image, text)
-    base = ["--checkpoint", str(checkpoint), "--images", str(image.path), "--texts",
+    base = ["--checkpoint", str(checkpoint), "--image-cache", str(image.path), "--text-cache",
             str(text.path), "--device", "cpu"]
     reports = {}
     for mode in ("global", "local"):

@@ -5,22 +5,18 @@ each as a ratio against ``flat`` measured in the same run.
 The vectors imitate head embeddings: ``--n`` L2-normalised 256-d points around 1,000 random
 centres (a clustered cloud; uniform noise would be an unrealistically hard case for the
 approximate kinds), queried by ``--queries`` fresh points of the same mixture, one query per call
-as ``cli search`` does. Indexes are built by ``search.ann.build_index`` (the code of ``cli index``).
+as ``cli search`` does. Indexes are built by ``search.ann.faiss_index`` (the code of ``cli index``).
 
-    python bench/search.py --n 1000000 --queries 1000 --threads 2
+    python bench/index_kinds.py --n 1000000 --queries 1000 --threads 2
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.machine import print_machine
+from machine import print_machine
 from search import ann
 
 
@@ -35,7 +31,7 @@ def clustered(rng: np.random.Generator, centres: np.ndarray, count: int,
 def measure(kind: str, data: np.ndarray, queries: np.ndarray, k: int) -> dict[str, object]:
     """Build seconds, per-query latencies (ms) and the top-k ids of every query."""
     began = time.perf_counter()
-    index = ann.build_index(kind, data, np.arange(len(data)))
+    index = ann.faiss_index(kind, data, np.arange(len(data)))
     build = time.perf_counter() - began
     latencies, found = [], []
     for query in queries:

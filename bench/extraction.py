@@ -6,20 +6,21 @@ to the host as fp16, writes them to HDF5 and commits the row count after every b
 alternate (bare, runner, bare, runner, ...) after one warm-up pass over the files; the best pass of
 each side counts.
 
-    python bench/extract.py --limit 300 --backbone efficientnet_lite0 --batch-size 64
+    python bench/extraction.py --limit 300 --backbone efficientnet_lite0 --batch-size 64
 
 The ratio printed last is runner time / bare time, measured in the same run (target <= 1.15).
 With ``--layers 6,8,10,-1`` it measures instead one pass writing the caches of those layers
 (``cli extract --layer 6,8,10,-1``) against one runner call per layer, alternating likewise:
 
-    python bench/extract.py --backbone dinov2 --weights imgfocus-dinov2-s14 --layers 6,8,10,-1
+    python bench/extraction.py --backbone dinov2 --weights imgfocus-dinov2-s14 --layers 6,8,10,-1
 
 With ``--views N`` it measures a runner pass writing N views per photo (``cli extract --views N``:
 the centre view and N - 1 seeded RandomResizedCrop + flip draws) against a one-view runner pass,
 alternating likewise; the ratio printed last is views time / one-view time (N is the cost of
 running the backbone on every view; above it, the augmentation's decoding cost):
 
-    python bench/extract.py --backbone efficientnet_lite0 --views 4
+    python bench/extraction.py --backbone efficientnet_lite0 --views 4
+
 With ``--formats f8k,csv,wds`` it measures instead the same photos read from each dataset format:
 the limited split is first written (not timed) into a temp folder as the f8k layout, as a CSV
 (``image,caption,split``) and as WebDataset shards (``--per-shard`` photos each); then passes
@@ -27,7 +28,7 @@ alternate over the formats, each pass reading the format as ``cli extract`` does
 photo or scan every shard) and writing the image cache; the best pass per format counts and the
 rows/s ratio of each format against f8k is printed:
 
-    python bench/extract.py --limit 1000 --formats f8k,csv,wds
+    python bench/extraction.py --limit 1000 --formats f8k,csv,wds
 """
 from __future__ import annotations
 
@@ -42,19 +43,18 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from extract.backbones import create_image_encoder, create_image_encoders  # noqa: E402
-from extract.captioned import write_csv  # noqa: E402
-from extract.datasets import MAPPING_FILE, ImageDataset, SplitIndex, load_split  # noqa: E402
-from extract.formats import DatasetRequest, dataset_format  # noqa: E402
-from extract.wds import write_shards  # noqa: E402
-from cache.device import resolve_device  # noqa: E402
-from extract.runner import (RunOptions, extract_image_layers, extract_images,  # noqa: E402
+from extract.backbones import create_image_encoder, create_image_encoders
+from extract.captioned import write_csv
+from extract.datasets import MAPPING_FILE, ImageDataset, SplitIndex, load_split
+from extract.formats import DatasetRequest, dataset_format
+from extract.wds import write_shards
+from cache.device import resolve_device
+from extract.runner import (RunOptions, extract_image_layers, extract_images,
                            limit_split)
-from extract.views import Views  # noqa: E402
-from bench.machine import print_machine  # noqa: E402
+from extract.views import Views
+from machine import print_machine
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def bare_pass(index, encoder, options: RunOptions) -> float:
@@ -221,6 +221,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=2, help="passes per side (best counts)")
     parser.add_argument("--layers", help="comma-separated layers: one pass over all of them vs "
                                          "one runner call per layer")
@@ -231,6 +232,7 @@ def main() -> None:
     parser.add_argument("--per-shard", type=int, default=250,
                         help="photos per WebDataset shard (--formats)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     print_machine()
     if not (args.data_path / f"{args.split}_caps.txt").exists():
         sys.exit(f"no data at {args.data_path} (../shared/data/f8k beside the repo); pass "
