@@ -288,7 +288,11 @@ def recipe_rows() -> list[Row]:
              "--set head.embed_dim=512 --set head.ff_dim=1024"),
             ("mean-0layers", "the recipe's global branch without transformer layers (a "
              "projection and a mean: the linear head's shape)",
-             "--set head.local_layers=0 --set head.global_layers=0")):
+             "--set head.local_layers=0 --set head.global_layers=0"),
+            ("mean-b256", "the recipe's global branch with batches of 256 (the linear head's)",
+             "--set optim.batch_size=256"),
+            ("mean-512-b256", "the recipe's global branch at 512-d with batches of 256",
+             "--set head.embed_dim=512 --set head.ff_dim=1024 --set optim.batch_size=256")):
         rows.append(trained(f"tgdt-gonly-{name}", f"TGDT's global branch alone (InfoNCE, "
                             f"alignment_weight 0), one epoch: {what}",
                             f"{global_only} {options}", "--mode global"))
