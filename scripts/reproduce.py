@@ -289,6 +289,14 @@ def recipe_rows() -> list[Row]:
             ("mean-0layers", "the recipe's global branch without transformer layers (a "
              "projection and a mean: the linear head's shape)",
              "--set head.local_layers=0 --set head.global_layers=0"),
+            ("mean-0layers-nocons", "no transformer layers, no consistency term",
+             "--set head.local_layers=0 --set head.global_layers=0 "
+             "--set head.consistency_weight=0"),
+            ("mean-0layers-512-b256-nocons", "no transformer layers, no consistency term, "
+             "512-d, batches of 256: the linear head's shape, size and batch",
+             "--set head.local_layers=0 --set head.global_layers=0 "
+             "--set head.consistency_weight=0 --set head.embed_dim=512 "
+             "--set optim.batch_size=256"),
             ("mean-b256", "the recipe's global branch with batches of 256 (the linear head's)",
              "--set optim.batch_size=256"),
             ("mean-512-b256", "the recipe's global branch at 512-d with batches of 256",
