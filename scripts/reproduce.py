@@ -273,7 +273,8 @@ def recipe_rows() -> list[Row]:
                 (f"python cli.py check-fit {configs} --max-steps 1000 --threads 1 "
                  f"--report {run_dir('fit-check')}/fit.json",),
                 (EFFNET,), (f"{run_dir('fit-check')}/fit.json",))]
-    global_only = f"{TGDT_INFONCE} --set head.alignment_weight=0 {ONE_EPOCH}"
+    global_only = (f"{TGDT_INFONCE} --set head.alignment_weight=0 --set optim.batch_size=64 "
+                   f"--set data.image_token_drop=0.0 --set data.text_token_drop=0.0 {ONE_EPOCH}")
     for name, what, options in (
             ("cls-sum", "the probe of the issue: [CLS]/first-token global vector, consistency "
              "summed over the batch", "--set head.global_pool=auto "
