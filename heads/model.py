@@ -8,7 +8,7 @@ caches the model will read, or `RecordedCache` stand-ins (`recorded_cache`) wher
 (`heads.sources.registry`), the head for the specs the sources hand it.
 
 `RetrievalModel` holds ``head``, ``image_source`` and ``text_source``: the trainer, the loss module
-(`heads.distributed.LossModule`, which runs the sources before any all-gather), the scorer
+(`train.distributed.LossModule`, which runs the sources before any all-gather), the scorer
 (`heads.eval`) and checkpoints all take it. It offers the head's scoring interface (encode through
 the source, then the head; ``score``, modes), so evaluation code takes a model or a bare head.
 Checkpoints keep the head's state under ``model`` as before and each tuned source's state under
@@ -171,7 +171,7 @@ def create_model(run: Mapping[str, Any], image_cache: Any, text_cache: Any, *,
     """The model of ``run`` for ``image_cache`` / ``text_cache`` (readers or `RecordedCache`s),
     on the CPU.
 
-    ``run`` is a resolved run config (``heads.config``): a new head, seeded with ``seed`` after
+    ``run`` is a resolved run config (``train.config``): a new head, seeded with ``seed`` after
     the sources are built (a tuned source loads its backbone first); or a checkpoint
     (``heads.checkpoint.load_checkpoint``): the caches are checked against the run's, and the
     head and the tuned sources get the run's weights; an e2e image side reads the photos from
