@@ -38,11 +38,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -54,7 +56,7 @@ from cache.progress import progress_bar
 from cache.store import MODALITIES, ImageCache, TextCache, centre_view_note
 from heads.base import Progress
 from heads.checkpoint import (FORMAT_VERSION, check_features, feature_identity, load_checkpoint,
-                              load_pretrained_parts, rng_state, save_checkpoint, set_rng_state)
+                              load_pretrained_parts, save_checkpoint)
 from heads.losses import build_loss
 from heads.model import RetrievalModel, Retriever, create_model
 from heads.sources import source_class
@@ -158,6 +160,32 @@ def evaluate_split(head: Retriever, images: ImageCache, texts: TextCache, eval_c
                if eval_cfg.get(k) is not None}
     return evaluate(head, images, texts, protocol=protocol or eval_cfg["protocol"], device=device,
                     max_images=eval_cfg.get("dev_images"), **options)
+
+
+# ------------------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict[str, Any]:
+    """The RNG states of torch (CPU and CUDA), NumPy's global generator and ``random``."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` saved."""
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 # ------------------------------------------------------------------------------------- the run

@@ -10,9 +10,9 @@ import torch
 
 from cache.errors import CacheMismatchError, InputError
 from cache.store import ImageCache, TextCache
-from heads.checkpoint import head_from_checkpoint, load_checkpoint
+from heads.checkpoint import load_checkpoint
 from heads.losses import build_loss
-from heads.model import RetrievalModel
+from heads.model import RetrievalModel, head_from_checkpoint
 from heads.models.linear import LinearHead
 from train.config import load_config
 from train.trainer import (NonFiniteLossError, Trainer, evaluate_split, lr_factor, param_groups,

@@ -11,10 +11,10 @@ import torch
 from cache.batch import TokenBatch
 from cache.errors import InputError
 from heads.base import FeatureSpec, Progress, index_encoded
-from heads.checkpoint import (FORMAT_VERSION, head_from_checkpoint, load_checkpoint,
-                              load_pretrained_parts, save_checkpoint)
+from heads.checkpoint import FORMAT_VERSION, load_checkpoint, load_pretrained_parts, save_checkpoint
 from heads.layers import l2norm
 from heads.losses import HingeLoss
+from heads.model import head_from_checkpoint
 from heads.registry import build_head
 from tests.heads.synthetic_pairs import repad
 from tests.heads.token_family_data import FramedWorld, recall_at_1, sample, train_head
