@@ -1,7 +1,7 @@
 """Command line of the toolkit: ``cli extract``, ``cli train-head``, ``cli eval``, ...
 
 The commands live beside the code they drive (``extract/commands.py``, ``cache/commands.py``,
-``heads/commands.py``, ``viz/commands.py``, ``search/commands.py``); this module only groups
+``train/commands.py``, ``viz/commands.py``, ``search/commands.py``); this module only groups
 them. Errors the user can fix (``InputError``) are printed as one line and exit with status 2.
 """
 from __future__ import annotations
@@ -16,9 +16,9 @@ import click  # noqa: E402
 from cache.commands import info  # noqa: E402
 from cache.errors import InputError  # noqa: E402
 from extract.commands import demo_data, extract, import_precomp  # noqa: E402
-from heads.commands import eval_command, export_backbone, train_head  # noqa: E402
-from heads.fit_commands import check_fit  # noqa: E402
 from search.commands import index, search, serve  # noqa: E402
+from train.commands import eval_command, export_backbone, train_head  # noqa: E402
+from train.fit_commands import check_fit  # noqa: E402
 from viz.commands import explain, plot  # noqa: E402
 
 

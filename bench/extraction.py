@@ -43,15 +43,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from extract.backbones import create_image_encoder, create_image_encoders
+from backbones.registry import create_image_encoder, create_image_encoders
+from cache.device import resolve_device
 from extract.captioned import write_csv
 from extract.datasets import MAPPING_FILE, ImageDataset, SplitIndex, load_split
 from extract.formats import DatasetRequest, dataset_format
-from extract.wds import write_shards
-from cache.device import resolve_device
 from extract.runner import (RunOptions, extract_image_layers, extract_images,
-                           limit_split)
+                            limit_split)
 from extract.views import Views
+from extract.wds import write_shards
 from machine import print_machine
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@
 Per side, at the same batch and with the same head (``linear``), four training steps are timed:
 
 * ``cache``: the head on cached last-layer tokens (no backbone weights train);
-* ``tail``: the backbone's modules after layer K (`extract.tails.tail_of`, what
+* ``tail``: the backbone's modules after layer K (`backbones.tails.tail_of`, what
   ``data.<side>_source=tail`` trains) + the head, on cached layer-K tokens;
 * ``e2e, lower frozen``: the whole backbone from token ids / pixels, its layers up to K under
   ``no_grad`` (the frozen part of an end-to-end run), then the same tail modules + the head: the
@@ -52,11 +52,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from backbones.registry import create_image_encoder, create_text_encoder
+from backbones.tails import tail_of
 from cache.batch import IdsBatch, PixelBatch, TokenBatch, as_cached
 from cache.device import resolve_device
 from cache.errors import InputError
-from extract.backbones import create_image_encoder, create_text_encoder
-from extract.tails import tail_of
 from heads.base import FeatureSpec, Progress
 from heads.losses import build_loss
 from heads.registry import build_head

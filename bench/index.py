@@ -29,7 +29,7 @@ from pathlib import Path
 from machine import print_machine
 from cache.store import ImageCache, TextCache
 from heads.checkpoint import load_checkpoint
-from heads.config import cache_paths
+from train.config import cache_paths
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -34,12 +34,12 @@ import torch
 from machine import print_machine
 from cache.store import (CacheAttrs, ImageCache, ImageCacheWriter, TextCache,
                          TextCacheWriter)
-from heads.registry import build_head, head_options
 from heads.base import FeatureSpec, Head
 from heads.checkpoint import load_checkpoint
-from heads.model import create_model
-from heads.eval.evaluate import evaluate, two_stage
 from heads.eval.rerank import parse_topk
+from heads.model import create_model
+from heads.registry import build_head, head_options
+from train.evaluate import evaluate, two_stage
 
 
 def write_synthetic_split(root: Path, n_img: int, per_image: int, tokens: int, dim: int,

@@ -24,15 +24,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from backbones.registry import create_image_encoder, create_text_encoder
 from cache.batch import TokenBatch
 from cache.datasets import EpochBatches, PairBatches
 from cache.store import ImageCache, TextCache
-from extract.backbones import create_image_encoder, create_text_encoder
 from extract.datasets import SplitIndex, load_rgb, load_split
 from extract.runner import RunOptions, extract_images, extract_texts, limit_split
-from heads.registry import build_head, head_options
 from heads.base import FeatureSpec, Head, Progress
 from heads.losses import build_loss
+from heads.registry import build_head, head_options
 from machine import print_machine
 
 REPO = Path(__file__).resolve().parents[1]

@@ -201,8 +201,8 @@ def extract(backbone: str | None, weights: str | None, layer_arg: str, resolutio
     With --views N the training split's image caches hold N views per photo (tag them apart:
     --tag efficientnet_lite0_v4).
     """
-    from extract.backbones import (create_image_encoders, create_text_encoder,
-                                   list_image_encoders, list_text_encoders)
+    from backbones.registry import (create_image_encoders, create_text_encoder,
+                                    list_image_encoders, list_text_encoders)
     from extract.captioned import TableOptions, parse_ratio
     from extract.formats import DatasetRequest, dataset_format
 

@@ -38,12 +38,12 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from backbones.encoders import ImageEncoder, TextEncoder
 from cache.errors import InputError
 from cache.progress import progress_bar
 from cache.store import (CacheAttrs, ImageCache, ImageCacheWriter, TextCache, TextCacheWriter,
                          default_cache_path, merge_shards, open_cache, photo_folder_extra,
                          unsharded)
-from extract.encoders import ImageEncoder, TextEncoder
 from extract.datasets import ImageDataset, SplitIndex
 from extract.views import ViewImages, Views
 

@@ -1,7 +1,7 @@
 """Several views per training photo (``cli extract --views V``): the centre view and V - 1 augmented.
 
 View 0 is the photo through the encoder's own preprocessing (``encoder.transform``), exactly what a
-one-view cache holds; views 1..V-1 are `extract.transforms.training_transform` (RandomResizedCrop
+one-view cache holds; views 1..V-1 are `backbones.transforms.training_transform` (RandomResizedCrop
 at ``crop_scale`` to the encoder's resolution, horizontal flip with probability 0.5,
 torchvision.transforms.v2; the crop scale of the e2e sources). The random draws of view v of split
 row r come from torch's generator seeded with (seed, r, v) alone, so a rerun, a resumed run and
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from backbones.transforms import CROP_SCALE, ImageTransform, training_transform
 from cache.errors import InputError
 from extract.datasets import ImageDataset, SplitIndex
-from extract.transforms import CROP_SCALE, ImageTransform, training_transform
 
 TRAIN_SPLIT = "train"   # the one split that gets views; the others get the centre view
 

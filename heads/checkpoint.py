@@ -1,5 +1,5 @@
-"""Checkpoints: atomic saves, validated loads, rebuilding a head and checking it against caches
-(`heads.model.create_model` builds a checkpoint's whole model).
+"""Checkpoints: atomic saves, validated loads, the feature identities a run is checked against
+(`heads.model.create_model` builds a checkpoint's model; `train.trainer` writes and resumes runs).
 
 A checkpoint is a dict saved with ``torch.save`` holding only tensors, numbers, strings, lists and
 dicts (it loads with ``weights_only=True``): the head (name, options, state), its FeatureSpecs and
@@ -15,20 +15,16 @@ unchanged). The kind of each side's source is the config's ``data.<side>_source`
 from __future__ import annotations
 
 import os
-import random
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from cache.errors import CacheMismatchError, InputError
 from cache.store import CacheAttrs
-from heads.base import FeatureSpec, Head
-from heads.registry import build_head
-from heads.sources import TokenSource
+from heads.base import Head
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
@@ -97,33 +93,6 @@ def note_centre_view(state: dict[str, Any], reader: str) -> None:
                    file=sys.stderr)
 
 
-def head_from_checkpoint(state: dict[str, Any], image_cache: Any = None,
-                         text_cache: Any = None,
-                         sources: dict[str, TokenSource] | None = None) -> Head:
-    """Rebuild the head of a checkpoint and load its weights (on the CPU).
-
-    With caches given, they are first checked against the caches the head was trained on, and the
-    head is built for their specs (so a test cache with another token count still fits), as seen
-    through the side's token source where ``sources`` (``{side: source}``) has one."""
-    source = state.get("path", "checkpoint")
-    specs = []
-    for side, cache in (("image", image_cache), ("text", text_cache)):
-        spec = FeatureSpec.from_dict(state[f"{side}_spec"])
-        if cache is not None:
-            check_features(state["features"][side], cache, f"the {side} cache of {source}")
-            spec = FeatureSpec.from_cache(cache)
-            if sources and side in sources:
-                spec = sources[side].output_spec(spec)
-        specs.append(spec)
-    head = build_head(state["head_name"], specs[0], specs[1], **state["head_options"])
-    try:
-        head.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise InputError(f"{source}: the weights do not fit head {state['head_name']!r} "
-                         f"({str(exc).splitlines()[0]})") from exc
-    return head
-
-
 def load_pretrained_parts(head: Head) -> list[str]:
     """Copy into ``head`` the submodules it takes from other runs (``head.pretrained_parts()``):
     for each ``{name: path}``, only the weights under ``name.`` of that checkpoint, which must be
@@ -148,29 +117,3 @@ def load_pretrained_parts(head: Head) -> list[str]:
         head.part_loaded(name)
         loaded.append(name)
     return loaded
-
-
-# ------------------------------------------------------------------------------------ RNG states
-
-
-def rng_state() -> dict[str, Any]:
-    """The RNG states of torch (CPU and CUDA), NumPy's global generator and ``random``."""
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])],
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` saved."""
-    torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))

@@ -8,7 +8,7 @@ caches the model will read, or `RecordedCache` stand-ins (`recorded_cache`) wher
 (`heads.sources.registry`), the head for the specs the sources hand it.
 
 `RetrievalModel` holds ``head``, ``image_source`` and ``text_source``: the trainer, the loss module
-(`heads.distributed.LossModule`, which runs the sources before any all-gather), the scorer
+(`train.distributed.LossModule`, which runs the sources before any all-gather), the scorer
 (`heads.eval`) and checkpoints all take it. It offers the head's scoring interface (encode through
 the source, then the head; ``score``, modes), so evaluation code takes a model or a bare head.
 Checkpoints keep the head's state under ``model`` as before and each tuned source's state under
@@ -32,7 +32,7 @@ from cache.datasets import token_batches
 from cache.errors import InputError
 from cache.store import CacheAttrs, ImageCache, TextCache
 from heads.base import Encoded, FeatureSpec, Head
-from heads.checkpoint import head_from_checkpoint
+from heads.checkpoint import check_features
 from heads.registry import build_head
 from heads.sources.cache import CachedTokens
 from heads.sources.registry import SourceOptions, TokenSource, build_source, source_kinds
@@ -166,12 +166,41 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+def head_from_checkpoint(state: dict[str, Any], image_cache: Any = None,
+                         text_cache: Any = None,
+                         sources: dict[str, TokenSource] | None = None) -> Head:
+    """Rebuild the head of a checkpoint and load its weights (on the CPU).
+
+    With caches given, they are first checked against the caches the head was trained on, and the
+    head is built for their specs (so a test cache with another token count still fits), as seen
+    through the side's token source where ``sources`` (``{side: source}``) has one."""
+    source = state.get("path", "checkpoint")
+    caches = {"image": image_cache, "text": text_cache}
+    for side, cache in caches.items():
+        if cache is not None:
+            check_features(state["features"][side], cache, f"the {side} cache of {source}")
+    specs = []
+    for side, cache in caches.items():
+        if cache is None:
+            specs.append(FeatureSpec.from_dict(state[f"{side}_spec"]))
+            continue
+        spec = FeatureSpec.from_cache(cache)
+        specs.append(sources[side].output_spec(spec) if sources and side in sources else spec)
+    head = build_head(state["head_name"], specs[0], specs[1], **state["head_options"])
+    try:
+        head.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise InputError(f"{source}: the weights do not fit head {state['head_name']!r} "
+                         f"({str(exc).splitlines()[0]})") from exc
+    return head
+
+
 def create_model(run: Mapping[str, Any], image_cache: Any, text_cache: Any, *,
                  photos: str | Path | None = None, seed: int | None = None) -> RetrievalModel:
     """The model of ``run`` for ``image_cache`` / ``text_cache`` (readers or `RecordedCache`s),
     on the CPU.
 
-    ``run`` is a resolved run config (``heads.config``): a new head, seeded with ``seed`` after
+    ``run`` is a resolved run config (``train.config``): a new head, seeded with ``seed`` after
     the sources are built (a tuned source loads its backbone first); or a checkpoint
     (``heads.checkpoint.load_checkpoint``): the caches are checked against the run's, and the
     head and the tuned sources get the run's weights; an e2e image side reads the photos from

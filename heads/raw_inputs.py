@@ -8,7 +8,7 @@ of those caches are not read.
 
 Training augmentation, as in the references (VSE∞, LAPS, CADR, HREM):
 
-* images (`extract.transforms.training_transform`, also what ``cli extract --views`` draws):
+* images (`backbones.transforms.training_transform`, also what ``cli extract --views`` draws):
   ``RandomResizedCrop`` to the backbone's resolution, scale (0.6, 1), bicubic, then a
   horizontal flip with probability 0.5 (torchvision.transforms.v2), then the backbone's
   normalisation; evaluation uses the extraction's preprocessing (``encoder.transform``);

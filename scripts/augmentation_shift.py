@@ -30,7 +30,7 @@ from heads.checkpoint import load_checkpoint
 from heads.losses import build_loss
 from heads.model import RetrievalModel, create_model
 from heads.sources import BackboneTokens, build_source
-from heads.train import open_split
+from train.trainer import open_split
 
 
 def main() -> None:

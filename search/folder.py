@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from backbones.transforms import ImageTransform
 from cache.errors import InputError
 from extract.datasets import (
     HEIF_SUPPORTED,
@@ -38,7 +39,6 @@ from extract.datasets import (
     load_rgb,
     open_regular,
 )
-from extract.transforms import ImageTransform
 
 HEIF_EXTENSIONS = (".heic", ".heif")
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff") + (

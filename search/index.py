@@ -46,11 +46,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from backbones.encoders import ImageEncoder
 from cache.errors import InputError
 from cache.progress import progress_bar
 from cache.store import ImageCache, ImageCacheWriter, partial_path
 from extract.datasets import SplitIndex
-from extract.encoders import ImageEncoder
 from extract.runner import image_attrs
 from heads.checkpoint import feature_identity, load_checkpoint, note_centre_view
 from heads.eval.scoring import encode_cache

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from backbones.encoders import ImageEncoder, TextEncoder
+from backbones.recorded import recorded_encoder
 from cache.errors import InputError
-from extract.encoders import ImageEncoder, TextEncoder
-from extract.recorded import recorded_encoder
 from heads.model import RetrievalModel, create_model, recorded_cache
 from heads.registry import head_class, list_heads
 

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from backbones.encoders import ImageEncoder, TextEncoder
 from cache.batch import IdsBatch, PixelBatch
 from cache.errors import CacheMismatchError, InputError
 from cache.store import ImageCache
 from extract.datasets import load_rgb
-from extract.encoders import ImageEncoder, TextEncoder
 from heads.base import Encoded
 from heads.checkpoint import load_checkpoint
 from heads.eval.scoring import encode_cache, inference, similarity_matrix

@@ -15,8 +15,8 @@ import click
 import pytest
 
 from cli import cli
-from heads.commands import resolve_train_config
 from heads.registry import list_heads
+from train.commands import resolve_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -271,7 +271,8 @@ def test_the_layout_lists_every_module() -> None:
     """Each module is an entry of its own or named in the description of its folder's entry."""
     entries = layout_entries(sections(README)["Layout"])
     unlisted = []
-    for folder in ("extract", "cache", "heads", "search", "viz", "bench", "scripts"):
+    for folder in ("cache", "backbones", "extract", "heads", "train", "search", "viz", "bench",
+                   "scripts"):
         for file in sorted((ROOT / folder).rglob("*")):
             if file.suffix not in (".py", ".sh") or file.name == "__init__.py":
                 continue

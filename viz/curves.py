@@ -1,5 +1,5 @@
 """``cli plot``: loss, learning rate and dev rsum per epoch of runs (their ``log.jsonl``, as
-``heads.train`` writes it), and the recall bars of ``cli eval`` reports, on one figure."""
+``train.trainer`` writes it), and the recall bars of ``cli eval`` reports, on one figure."""
 from __future__ import annotations
 
 import json

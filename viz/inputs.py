@@ -12,9 +12,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from backbones.recorded import recorded_encoder
 from cache.batch import IdsBatch, InputBatch, PixelBatch
 from cache.errors import InputError
-from extract.recorded import recorded_encoder
 from extract.datasets import load_rgb
 from heads.checkpoint import load_checkpoint, note_centre_view
 from heads.model import RetrievalModel, create_model, recorded_cache

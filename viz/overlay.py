@@ -13,7 +13,7 @@ HEAT_ALPHA = 0.55
 
 def as_seen(image: Image.Image, preprocessing: dict) -> Image.Image:
     """``image`` resized as the backbone's transform resizes it (``preprocessing``: what a cache
-    records, ``extract.transforms.ImageTransform.to_dict``): no crop, no normalisation."""
+    records, ``backbones.transforms.ImageTransform.to_dict``): no crop, no normalisation."""
     height, width = preprocessing["resize"]
     resample = Image.Resampling[str(preprocessing.get("interpolation", "bicubic")).upper()]
     return image if image.size == (width, height) else image.resize((width, height), resample)

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from backbones.encoders import group_depths
+from backbones.transforms import training_transform
 from cache.batch import IdsBatch, InputBatch, PixelBatch, TokenBatch
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
-from extract.encoders import group_depths
 from heads.base import FeatureSpec
-from extract.transforms import training_transform
 from heads.raw_inputs import (CaptionIds, PhotoFiles, WordPieceAugment, id_batches, images_root,
                               photo_batches)
 from heads.sources.registry import SourceOptions, TokenSource, register_source
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 @register_source("e2e")
 class BackboneTokens(TokenSource):
-    """The whole backbone (an `extract.encoders` encoder at its last layer) on photos
+    """The whole backbone (an `backbones.encoders` encoder at its last layer) on photos
     (`PixelBatch`) or word-piece ids (`IdsBatch`); its BatchNorm layers stay in eval mode (frozen
     statistics, trained affine weights, as the references tune CNNs). On CUDA, photos and the
     backbone's convolutions run channels-last. With an e2e image side an epoch visits each photo
@@ -46,7 +46,7 @@ class BackboneTokens(TokenSource):
 
     @classmethod
     def from_cache(cls, cache: ImageCache | TextCache, options: SourceOptions) -> BackboneTokens:
-        from extract.recorded import recorded_encoder
+        from backbones.recorded import recorded_encoder
 
         encoder = recorded_encoder(cache.attrs.modality, cache.attrs, str(cache.path), layer=-1)
         source = cls(encoder.train().requires_grad_(True), options)
@@ -100,7 +100,7 @@ class BackboneTokens(TokenSource):
         return {name: depths[n] for name, n in zip(names, inner)}
 
     def train(self, mode: bool = True) -> BackboneTokens:
-        from extract.tails import freeze_batchnorm
+        from backbones.tails import freeze_batchnorm
 
         super().train(mode)
         freeze_batchnorm(self)

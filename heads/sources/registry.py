@@ -28,7 +28,7 @@ declaration                     meaning (who reads it)
                                 backbone's top, for layer-wise lr decay (``optim.layer_decay``)
 ``for_export`` / ``export_layer`` / ``export_note``  its export form: the source a run's tuned
                                 state loads into, made of the original backbone's modules loaded
-                                at ``export_layer`` (`heads.export`)
+                                at ``export_layer`` (`train.export`)
 =============================== =================================================================
 
 A new kind is one module in this package (imported by ``heads/sources/__init__.py``) plus its
@@ -45,16 +45,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from backbones.transforms import CROP_SCALE
 from cache.batch import IdsBatch, InputBatch, PixelBatch, TokenBatch, as_cached
 from cache.datasets import token_batches
 from cache.errors import InputError
 from cache.store import MODALITIES, ImageCache, TextCache
 from heads.base import FeatureSpec
-from extract.transforms import CROP_SCALE
 from heads.raw_inputs import WORD_AUGMENT
 
 if TYPE_CHECKING:
-    from extract.encoders import ImageEncoder, TextEncoder
+    from backbones.encoders import ImageEncoder, TextEncoder
 
     Encoder = ImageEncoder | TextEncoder
 
@@ -154,7 +154,7 @@ class TokenSource(nn.Module):
         """Its parameter groups: how many layers below its backbone's top each of its parameters
         ``names`` (as named inside the source) sits, for layer-wise lr decay (a parameter's lr is
         multiplied by ``optim.layer_decay ** depth``); the tuned kinds read their backbone's
-        ``group_matcher`` (`extract.encoders.group_depths`). Default: every one at the top."""
+        ``group_matcher`` (`backbones.encoders.group_depths`). Default: every one at the top."""
         return {name: 0 for name in names}
 
 

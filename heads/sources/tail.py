@@ -1,5 +1,5 @@
 """``tail``: the tokens of a cache written at an intermediate layer K, run through the backbone's
-blocks after K and its final norm (`extract.tails`), which are trained with the head; the frozen
+blocks after K and its final norm (`backbones.tails`), which are trained with the head; the frozen
 lower blocks never run."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from backbones.encoders import group_depths
 from cache.batch import TokenBatch
 from cache.store import ImageCache, TextCache
-from extract.encoders import group_depths
 from heads.base import FeatureSpec
 from heads.sources.registry import SourceOptions, TokenSource, register_source
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 @register_source("tail")
 class TailTokens(TokenSource):
-    """Layer-K cached tokens through the backbone's ``tail`` (an `extract.tails` tail: transformer
+    """Layer-K cached tokens through the backbone's ``tail`` (an `backbones.tails` tail: transformer
     blocks ``tail.blocks.<i>.*`` for backbone block i and ``tail.norm.*``, or a CNN's stages after
     K). A transformer tail keeps the token positions, and padding positions of its output are zero
     as the cached batches' are; a CNN tail (``tail.layout``) turns the layer-K grid into the last
@@ -38,7 +38,7 @@ class TailTokens(TokenSource):
 
     @classmethod
     def from_cache(cls, cache: ImageCache | TextCache, options: SourceOptions) -> TailTokens:
-        from extract.tails import tail_from_cache
+        from backbones.tails import tail_from_cache
 
         source = cls(tail_from_cache(cache))
         source.set_grad_checkpointing(options.grad_checkpointing)
@@ -50,7 +50,7 @@ class TailTokens(TokenSource):
 
     @classmethod
     def for_export(cls, encoder: Encoder, where: str) -> TailTokens:
-        from extract.tails import tail_of
+        from backbones.tails import tail_of
 
         return cls(tail_of(encoder, where))
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from backbones.transforms import HALF_MEAN, HALF_STD, ImageTransform
 from cache.errors import InputError
 from extract.datasets import ImageDataset, ImageDecodeError, list_datasets, load_rgb, load_split
-from extract.transforms import HALF_MEAN, HALF_STD, ImageTransform
 
 TRANSFORM = ImageTransform((32, 32), "bicubic", HALF_MEAN, HALF_STD)
 

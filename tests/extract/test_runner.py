@@ -21,13 +21,13 @@ import pytest
 import torch
 from PIL import Image
 
+from backbones.registry import create_image_encoder, create_text_encoder
+from cache.errors import InputError
 from cache.store import (ImageCache, ImageCacheWriter, TextCache, TextCacheWriter, describe,
                          open_cache, partial_path)
-from extract.backbones import create_image_encoder, create_text_encoder
-from cache.errors import InputError
 from extract.datasets import load_split
-from extract.runner import RunOptions, extract_image_layers, limit_split
 from extract.demo_data import generate_demo_data
+from extract.runner import RunOptions, extract_image_layers, limit_split
 from tests.extract.cli_helpers import CLI_PY, REPO_ROOT, run_cli, save_tiny_models
 
 

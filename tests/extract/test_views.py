@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from backbones.registry import create_image_encoder
 from cache.errors import InputError
 from cache.store import ImageCache, ImageCacheWriter, open_cache, partial_path
-from extract.backbones import create_image_encoder
 from extract.datasets import load_rgb, load_split
 from extract.views import ViewTransform, Views, view_seed
 from tests.extract.cli_helpers import run_cli

@@ -12,13 +12,13 @@ from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from heads.base import FeatureSpec
 from heads.checkpoint import FORMAT_VERSION, load_checkpoint, note_centre_view
-from heads.config import load_config
-from heads.eval.evaluate import evaluate
 from heads.model import create_model
 from heads.models.linear import LinearHead
 from heads.sources import CachedTokens
-from heads.train import train
-from heads.warm_start import warm_start
+from train.config import load_config
+from train.evaluate import evaluate
+from train.trainer import train
+from train.warm_start import warm_start
 from tests.heads.synthetic_caches import IMAGE_TAG, TEXT_TAG, config_overrides, write_dataset
 
 IMAGE = FeatureSpec("image", 12, prefix_tokens=1)

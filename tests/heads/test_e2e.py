@@ -13,18 +13,18 @@ import timm
 import torch
 from torch import nn
 
+from backbones.encoders import group_depths, group_matcher
+from backbones.tails import Tail
+from backbones.transforms import training_transform
 from cache.batch import IdsBatch, PixelBatch
 from cache.store import ImageCache, TextCache
-from extract.encoders import group_depths, group_matcher
-from extract.tails import Tail
-from extract.transforms import training_transform
 from heads.checkpoint import load_checkpoint
-from heads.config import load_config
-from heads.eval.evaluate import evaluate
 from heads.model import RetrievalModel, create_model
 from heads.raw_inputs import CaptionIds, WordPieceAugment
 from heads.sources import BackboneTokens, SourceOptions, build_source
-from heads.train import Trainer, sync_head_batchnorm
+from train.config import load_config
+from train.evaluate import evaluate
+from train.trainer import Trainer, sync_head_batchnorm
 from tests.extract.cli_helpers import run_cli
 from tests.heads.tail_world import (DATASET, TailWorld, make_tail_world, split_caches,
                                     tail_overrides, train_cli, assert_refused)
@@ -242,7 +242,7 @@ def test_a_cnn_backbone_keeps_its_batchnorm_frozen(tmp_path: Path) -> None:
     import timm
     from timm.models import save_for_hf
 
-    from extract.backbones import create_image_encoder
+    from backbones.registry import create_image_encoder
 
     torch.manual_seed(2)
     save_for_hf(timm.create_model("test_resnet"), tmp_path / "resnet", safe_serialization=True)
@@ -263,7 +263,7 @@ def test_a_cnn_backbone_keeps_its_batchnorm_frozen(tmp_path: Path) -> None:
 
 def test_an_e2e_backbone_exports_as_weights_cli_extract_loads(world: TailWorld,
                                                                tmp_path: Path) -> None:
-    from extract.backbones import create_text_encoder
+    from backbones.registry import create_text_encoder
 
     run = tmp_path / "run"
     code, output = train_cli(run, e2e_overrides(world, image="cache", epochs=1))

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+from backbones.tails import tail_from_cache
 from cache.datasets import view_of
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
-from extract.tails import tail_from_cache
 from heads.checkpoint import load_checkpoint
-from heads.config import load_config
-from heads.eval.evaluate import evaluate
 from heads.model import RetrievalModel, create_model
 from heads.sources import CachedTokens, TailTokens, build_source
-from heads.train import Trainer, evaluate_split, train
+from train.config import load_config
+from train.evaluate import evaluate
+from train.trainer import Trainer, evaluate_split, train
 from tests.extract.cli_helpers import run_cli
 from tests.heads.synthetic_caches import config_overrides, write_dataset
 from tests.heads.tail_world import (DATASET, LAYER, TailWorld, copy_backbones, make_tail_world,
@@ -177,7 +177,7 @@ def test_a_model_offers_its_heads_scoring_interface() -> None:
     assert (model.name, model.mode, model.score_kind) == ("tgdt", None, head.score_kind)
     assert model.set_mode("global") is model and head.mode == "global"
     assert model.score_kind == "embedding"
-    model.mode = None                          # what heads.eval.evaluate restores
+    model.mode = None                          # what train.evaluate restores
     assert head.mode is None and model.tuned_sides() == [] and model.tuned_states() == {}
     with pytest.raises(InputError, match="no inference mode 'nope'"):
         model.set_mode("nope")

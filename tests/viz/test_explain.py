@@ -13,11 +13,11 @@ from transformers import BertTokenizer
 
 from cache.batch import as_cached
 from heads.checkpoint import load_checkpoint, save_checkpoint
+from viz.explain import DRAWERS, explain
+from viz.figure import panel_shape, pixel_size
 from tests.extract.cli_helpers import run_cli
 from tests.hostile import png_header
 from tests.viz.world import VizWorld
-from viz.explain import DRAWERS, explain
-from viz.figure import panel_shape, pixel_size
 
 
 def caption_pieces(world: VizWorld, caption: str) -> list[str]:
@@ -232,7 +232,7 @@ def test_explain_decodes_a_photo_as_index_and_extract_do(viz_world: VizWorld,
                                                          tmp_path: Path) -> None:
     """EXIF orientation, 16-bit depth and alpha: explain's tokens are those cli index computes
     for the same file (its `FolderImages`), not those of a naive decode."""
-    from extract.recorded import recorded_encoder
+    from backbones.recorded import recorded_encoder
     from search.folder import FolderImages
     from viz.inputs import load_pair
 

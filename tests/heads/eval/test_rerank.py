@@ -10,10 +10,10 @@ import torch
 from torch import Tensor
 
 from cache.errors import InputError
-from heads.registry import build_head
-from heads.eval.evaluate import evaluate, two_stage
 from heads.eval.metrics import recall_metrics
 from heads.eval.rerank import parse_topk, rerank
+from heads.registry import build_head
+from train.evaluate import evaluate, two_stage
 from tests.heads.eval.eval_world import TwoBranch, recalls_of_ranks, specs, write_split
 
 
@@ -192,7 +192,7 @@ def _save_head(path: Path, name: str, image, text) -> Path:
 def test_eval_command_two_stage(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from heads.commands import eval_command
+    from train.commands import eval_command
 
     image, text = write_split(tmp_path)
     paths = {name: _save_head(tmp_path / f"{name}.pt", name, image, text) for name in ("vse", "scan")}
@@ -211,7 +211,7 @@ def test_eval_command_two_stage(tmp_path: Path) -> None:
 def test_eval_command_mode_selects_the_branch(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from heads.commands import eval_command
+    from train.commands import eval_command
 
     image, text = write_split(tmp_path)
     checkpoint = _save_head(tmp_path / "tgdt.pt", "tgdt", image, text)

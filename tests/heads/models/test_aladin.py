@@ -10,12 +10,12 @@ import torch
 
 from cache.batch import TokenBatch
 from cache.errors import InputError
-from heads.registry import build_head
 from heads.base import FeatureSpec, Progress, index_encoded
-from heads.checkpoint import (FORMAT_VERSION, head_from_checkpoint, load_checkpoint,
-                              load_pretrained_parts, save_checkpoint)
+from heads.checkpoint import FORMAT_VERSION, load_checkpoint, load_pretrained_parts, save_checkpoint
 from heads.layers import l2norm
 from heads.losses import HingeLoss
+from heads.model import head_from_checkpoint
+from heads.registry import build_head
 from tests.heads.synthetic_pairs import repad
 from tests.heads.token_family_data import FramedWorld, recall_at_1, sample, train_head
 
@@ -292,8 +292,8 @@ def test_teacher_then_distilled_student_learn(world, tmp_path):
 def test_two_step_recipe_through_the_trainer_and_configs(tmp_path):
     """configs/f8k_aladin_{teacher,student}.yaml on tiny synthetic caches: the student run loads
     the teacher run's best.pt, keeps it frozen and selects on the student branch."""
-    from heads.config import load_config
-    from heads.train import train
+    from train.config import load_config
+    from train.trainer import train
     from tests.heads.synthetic_caches import config_overrides, write_dataset
 
     features = write_dataset(tmp_path / "features", train=60, dev=20, test=10)

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 
 from cache.batch import TokenBatch
 from cache.errors import CacheMismatchError, InputError
-from heads.layers import patch_slimming
 from heads.base import FeatureSpec
-from heads.models.caa import CaaHead, ContextAnchorAttention, anchor_kernel
-from heads.config import load_config
-from heads.models.laps import LapsHead
+from heads.layers import patch_slimming
 from heads.losses import HingeLoss
+from heads.models.caa import CaaHead, ContextAnchorAttention, anchor_kernel
+from heads.models.laps import LapsHead
+from train.config import load_config
 from tests.heads.patch_world import GridWorld, naive_max_mean, naive_slimmed_set
 from tests.heads.synthetic_pairs import repad, train_and_recall
 

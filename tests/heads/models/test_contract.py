@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from heads.base import Head, Progress, index_encoded
-from heads.checkpoint import (FORMAT_VERSION, head_from_checkpoint, load_checkpoint,
-                              load_pretrained_parts, save_checkpoint)
+from heads.checkpoint import FORMAT_VERSION, load_checkpoint, load_pretrained_parts, save_checkpoint
 from heads.losses import HingeLoss
+from heads.model import head_from_checkpoint
 from heads.registry import build_head, list_heads
 from tests.heads.patch_world import GridWorld
 from tests.heads.synthetic_pairs import repad

@@ -7,11 +7,11 @@ import torch
 
 from cache.batch import TokenBatch
 from cache.errors import InputError
-from heads.registry import build_head, head_options
 from heads.base import FeatureSpec, Progress
 from heads.layers import l2norm, masked_mean
 from heads.losses import HingeLoss
 from heads.models.tgdt import TGDTHead, consistency_loss
+from heads.registry import build_head, head_options
 from tests.heads.synthetic_pairs import repad
 from tests.heads.token_family_data import FramedWorld, recall_at_1, sample, train_head
 
@@ -181,8 +181,8 @@ def test_learns_synthetic_structure_in_both_branches(world):
 def test_config_trains_through_the_trainer(tmp_path):
     """configs/f8k_tgdt.yaml on tiny synthetic caches: every loss term is logged and the dev
     selection (local branch) ends far above chance (5 %)."""
-    from heads.config import load_config
-    from heads.train import train
+    from train.config import load_config
+    from train.trainer import train
     from tests.heads.synthetic_caches import config_overrides, write_dataset
 
     features = write_dataset(tmp_path / "features", train=80, dev=20, test=10)

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from backbones.encoders import ImageEncoder, TextEncoder
+from backbones.recorded import recorded_encoder
 from cache.batch import IdsBatch, InputBatch, PixelBatch, TokenBatch
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from extract.datasets import load_rgb
-from extract.encoders import ImageEncoder, TextEncoder
-from extract.recorded import recorded_encoder
 from heads.base import FeatureSpec
 from heads.sources import (EPOCH_UNITS, SourceOptions, TokenSource, build_source, list_sources,
                            source_class)

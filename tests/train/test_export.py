@@ -20,14 +20,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.models import save_for_hf
 
+from backbones.registry import create_image_encoder, create_text_encoder
 from cache.batch import TokenBatch
 from cache.datasets import token_batches
 from cache.store import ImageCache, TextCache
-from extract.backbones import create_image_encoder, create_text_encoder
 from heads.checkpoint import load_checkpoint
 from heads.model import create_model
-from heads.config import load_config
-from heads.train import train
+from train.config import load_config
+from train.trainer import train
 from tests.extract.cli_helpers import run_cli
 from tests.heads.tail_world import (DATASET, LAYER, TINY, TailWorld, copy_backbones,
                                     make_tail_world, tail_overrides)
@@ -292,22 +292,22 @@ def test_bad_input_is_one_line_naming_the_file(world: TailWorld, run: Path,
 
 def test_an_interrupted_export_leaves_no_folder_that_looks_complete(
         run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import heads.export
+    import train.export
 
     def crash(encoder, folder: Path) -> None:
         encoder.model.save_pretrained(folder)       # the weights are there, then the disk fills
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(heads.export, "_write_transformers", crash)
+    monkeypatch.setattr(train.export, "_write_transformers", crash)
     out = tmp_path / "exports" / "bert"
     with pytest.raises(OSError, match="No space left"):
-        heads.export.export_backbone(run, "text", out)
+        train.export.export_backbone(run, "text", out)
     assert list((tmp_path / "exports").iterdir()) == []          # no OUT, no temporary folder
 
     out.mkdir()
     (out / "previous.txt").write_text("an earlier export")
     with pytest.raises(OSError, match="No space left"):
-        heads.export.export_backbone(run, "text", out, overwrite=True)
+        train.export.export_backbone(run, "text", out, overwrite=True)
     assert [p.name for p in (tmp_path / "exports").iterdir()] == ["bert"]
     assert [p.name for p in out.iterdir()] == ["previous.txt"]   # the old folder is untouched
 

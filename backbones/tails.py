@@ -38,11 +38,11 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
+from backbones.encoders import GroupMatcher, ImageEncoder, TextEncoder, TokenLayout
+from backbones.recorded import recorded_encoder
+from backbones.timm_backbones import flatten_grid, token_layout, with_mean_token
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
-from extract.encoders import GroupMatcher, ImageEncoder, TextEncoder, TokenLayout
-from extract.recorded import recorded_encoder
-from extract.timm_backbones import flatten_grid, token_layout, with_mean_token
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -146,7 +146,7 @@ _TAILS: dict[str, TailFactory] = {}
 
 def register_tail(*encoders: str) -> Callable[[TailFactory], TailFactory]:
     """Decorator registering ``factory(loaded encoder at layer K, where) -> tail`` for the named
-    encoders of `extract.backbones` (``where`` names the cache in errors)."""
+    encoders of `backbones.registry` (``where`` names the cache in errors)."""
 
     def decorate(factory: TailFactory) -> TailFactory:
         for name in encoders:

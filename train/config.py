@@ -34,15 +34,15 @@ from typing import Any, Iterable
 
 import yaml
 
+from backbones.transforms import CROP_SCALE
 from cache.datasets import PRELOAD_CHOICES
 from cache.errors import InputError
 from cache.store import MODALITIES, default_cache_path
-from heads.distributed import GATHER_MODES
 from heads.eval.metrics import PROTOCOLS
-from extract.transforms import CROP_SCALE
 from heads.raw_inputs import WORD_AUGMENT
 from heads.registry import head_options
 from heads.sources import EPOCH_UNITS, list_sources, source_class
+from train.distributed import GATHER_MODES
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {
@@ -108,7 +108,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "log_every": 50,              # steps between progress-bar / log.jsonl loss updates
         "tensorboard": True,          # when the tensorboard package is installed
         "find_unused_parameters": True,  # DDP: heads may leave inference-only parameters unused
-        "ddp_gather": "auto",         # DDP: auto | encodings | inputs (heads.distributed.gather_mode)
+        "ddp_gather": "auto",         # DDP: auto | encodings | inputs (train.distributed.gather_mode)
         "sync_batchnorm": True,       # DDP on CUDA: BatchNorm statistics over the global batch
         "grad_checkpointing": False,  # tuned blocks recompute activations in backward (memory)
     },

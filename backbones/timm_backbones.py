@@ -37,7 +37,7 @@ family), whose grid is ``ceil(resolution / reduction)`` at any resolution (Lite2
 
 Preprocessing: mean, std, interpolation and the default resolution (the input size) come from
 ``timm.data.resolve_model_data_config``; the image is resized to resolution x resolution without
-timm's centre crop (``crop_pct``), like every backbone here (`extract.transforms`). At a resolution
+timm's centre crop (``crop_pct``), like every backbone here (`backbones.transforms`). At a resolution
 other than its own, a model with ``set_input_size`` (ViT, Swin, MaxViT) is resized by it (ViT
 position embeddings are resampled); the weights hash is taken before.
 """
@@ -56,16 +56,16 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from cache.errors import InputError
-from extract.encoders import ImageEncoder, TokenLayout, patch_grid
-from extract.transforms import HALF_MEAN, HALF_STD, ImageTransform
-from extract.weights import (
+from backbones.encoders import ImageEncoder, TokenLayout, patch_grid
+from backbones.transforms import HALF_MEAN, HALF_STD, ImageTransform
+from backbones.weights import (
     WeightsSource,
     resolve_weights,
     state_dict_hash,
     tensors_hash,
     weights_note,
 )
+from cache.errors import InputError
 
 WEIGHTS_FORMS = "a timm model folder (config.json + weights), ARCH=FILE or a timm model name"
 

@@ -21,12 +21,12 @@ from cache.datasets import check_pairing
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from heads.base import Encoded, index_encoded, num_items
-from heads.model import Retriever
 from heads.eval.metrics import (Subset, captions_per_image, fold_indices, gallery_metrics,
                                 local_caption_image, mean_metrics, protocol_subsets)
 from heads.eval.rerank import FineScorer, rerank
 from heads.eval.scoring import (DEFAULT_CAPTION_BLOCK, DEFAULT_IMAGE_BLOCK, DEFAULT_PAIR_BATCH,
-                           encode_cache, score_pairs, similarity_matrix, synchronize)
+                                encode_cache, score_pairs, similarity_matrix, synchronize)
+from heads.model import Retriever
 
 
 @contextlib.contextmanager

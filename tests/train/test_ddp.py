@@ -25,15 +25,15 @@ import torch.multiprocessing as mp
 
 from cache.batch import InputBatch
 from cache.store import ImageCache, TextCache
-from heads.registry import build_head, head_options, list_heads
 from heads.base import FeatureSpec, Progress
 from heads.checkpoint import load_checkpoint, load_pretrained_parts
-from heads.config import load_config
 from heads.losses import build_loss
-from heads.distributed import LossModule, gather_mode
 from heads.model import RetrievalModel
+from heads.registry import build_head, head_options, list_heads
 from heads.sources import build_source, list_sources
-from heads.train import train
+from train.config import load_config
+from train.distributed import LossModule, gather_mode
+from train.trainer import train
 from tests.heads.models.test_contract import CASES
 from tests.heads.synthetic_caches import config_overrides, write_dataset
 from tests.heads.tail_world import TailWorld, make_tail_world, split_caches, tail_overrides
@@ -163,7 +163,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory
     features = write_dataset(tmp_path_factory.mktemp("features"), train=40, dev=20, test=4)
     world = make_tail_world(tmp_path_factory.mktemp("tail"))
     out = tmp_path_factory.mktemp("runs")
-    importlib.import_module("heads.eval.evaluate")   # imported once here, inherited by the children
+    importlib.import_module("train.evaluate")   # imported once here, inherited by the children
     list_heads()
     # fork: the children inherit the imported modules (a spawn re-imports torch: ~10 s on a busy CPU)
     mp.start_processes(_worker, args=(_free_port(), str(features), world, str(out)),

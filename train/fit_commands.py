@@ -1,6 +1,6 @@
 """``cli check-fit``: can each configured head fit a few hundred training pairs?
 
-The command parses options and prints; the work is ``heads.fit_check.fit_pairs``.
+The command parses options and prints; the work is ``train.fit_check.fit_pairs``.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import click
 import torch
 
 from cache.store import ImageCache, TextCache
-from heads.config import cache_paths, load_config
-from heads.fit_check import FIT_TARGET, fit_pairs, format_fit_table
+from train.config import cache_paths, load_config
+from train.fit_check import FIT_TARGET, fit_pairs, format_fit_table
 
 
 @click.command("check-fit")

@@ -1,4 +1,4 @@
-"""Every registered head can fit a few dozen training pairs (``heads.fit_check``), and
+"""Every registered head can fit a few dozen training pairs (``train.fit_check``), and
 ``cli check-fit`` reports it as a table and JSON, failing when a head does not fit."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 from cache.store import ImageCache, TextCache
 from cli import cli
-from heads.config import cache_paths, load_config
-from heads.fit_check import fit_pairs, fit_subset
 from heads.registry import list_heads
+from train.config import cache_paths, load_config
+from train.fit_check import fit_pairs, fit_subset
 from tests.heads.synthetic_caches import World, config_overrides, write_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -8,7 +8,7 @@ learning rate, and measures R@1 on the same pairs for every inference branch of 
 each branch reaches ``target`` or ``max_steps`` is spent.
 
 The data path is the cache's own (``ImageCache.read`` / ``TextCache.read``), the head and loss are
-built by the registries from a resolved run config (``heads.config.load_config``), and the batch
+built by the registries from a resolved run config (``train.config.load_config``), and the batch
 update is the head's own ``training_loss``: only sampling, augmentation (none) and the schedule
 (constant lr) differ from ``cli train-head``.
 """

@@ -1,6 +1,6 @@
 """Training a head from cached features: optimiser groups, schedule, checkpoints, resume, DDP.
 
-``train(config, out_dir)`` runs a resolved config (``heads.config.load_config``):
+``train(config, out_dir)`` runs a resolved config (``train.config.load_config``):
 
 * caption-indexed batches from the train caches (``cache.datasets``), feature-level token drop;
 * per side a token source (``heads.sources``, ``data.image_source`` / ``data.text_source``):
@@ -19,7 +19,7 @@
 * bf16 autocast on CUDA, fp32 on the CPU; no host synchronisation per step (the loss is summed on
   the device and read every ``run.log_every`` steps, where a NaN/Inf loss stops the run naming the
   first bad step);
-* dev evaluation after every epoch (``heads.eval.evaluate.evaluate``; dev split, never test); the best
+* dev evaluation after every epoch (``train.evaluate.evaluate``; dev split, never test); the best
   dev rsum is kept as ``best.pt`` (weights only), the last epoch as ``last.pt`` (with the optimiser,
   schedule and RNG states; atomic writes), ``log.jsonl``
   gets a record per epoch and every ``log_every`` steps, tensorboard when it is installed;
@@ -27,7 +27,7 @@
   names, e.g. a ``linear`` head's projections onto ``laps``'s); the caches must be the same;
 * ``resume=True`` continues from ``last.pt`` with the exact state (model, optimiser, schedule,
   loss, RNGs of every rank), so the next epoch equals the one of an uninterrupted run;
-* under ``torchrun`` (``WORLD_SIZE > 1``): DistributedDataParallel over ``heads.distributed``'s
+* under ``torchrun`` (``WORLD_SIZE > 1``): DistributedDataParallel over ``train.distributed``'s
   loss module, so the averaged gradient equals the one-process gradient of the global batch.
   The head's BatchNorm layers become SyncBatchNorm on CUDA (``run.sync_batchnorm``; a tuned
   backbone's frozen BatchNorm never does); on the CPU (gloo) each
@@ -38,11 +38,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -54,13 +56,13 @@ from cache.progress import progress_bar
 from cache.store import MODALITIES, ImageCache, TextCache, centre_view_note
 from heads.base import Progress
 from heads.checkpoint import (FORMAT_VERSION, check_features, feature_identity, load_checkpoint,
-                              load_pretrained_parts, rng_state, save_checkpoint, set_rng_state)
-from heads.config import BACKBONE_KEYS, cache_paths, longest_prefix, save_config
-from heads.distributed import Dist, LossModule, gather_mode, init_distributed
+                              load_pretrained_parts, save_checkpoint)
 from heads.losses import build_loss
 from heads.model import RetrievalModel, Retriever, create_model
 from heads.sources import source_class
-from heads.warm_start import warm_start
+from train.config import BACKBONE_KEYS, cache_paths, longest_prefix, save_config
+from train.distributed import Dist, LossModule, gather_mode, init_distributed
+from train.warm_start import warm_start
 
 LAST, BEST, LOG, CONFIG = "last.pt", "best.pt", "log.jsonl", "config.yaml"
 RESUME_ONLY = ("optimizer", "scheduler", "rng")
@@ -149,15 +151,41 @@ def _note(message: str, dist_info: Dist) -> None:
 def evaluate_split(head: Retriever, images: ImageCache, texts: TextCache, eval_cfg: dict[str, Any],
                    device: torch.device, protocol: str | None = None) -> dict[str, Any]:
     """Metrics of ``head`` (a model or a bare head) on one split through
-    ``heads.eval.evaluate.evaluate`` (eval mode, no grad); ``eval.dev_images`` limits the gallery
+    ``train.evaluate.evaluate`` (eval mode, no grad); ``eval.dev_images`` limits the gallery
     to the split's first images (cheaper model selection for interaction heads, whose cost grows
     with images x captions)."""
-    from heads.eval.evaluate import evaluate
+    from train.evaluate import evaluate
 
     options = {k: eval_cfg[k] for k in ("batch_size", "image_block", "caption_block")
                if eval_cfg.get(k) is not None}
     return evaluate(head, images, texts, protocol=protocol or eval_cfg["protocol"], device=device,
                     max_images=eval_cfg.get("dev_images"), **options)
+
+
+# ------------------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict[str, Any]:
+    """The RNG states of torch (CPU and CUDA), NumPy's global generator and ``random``."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` saved."""
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 # ------------------------------------------------------------------------------------- the run

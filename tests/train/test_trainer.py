@@ -10,13 +10,13 @@ import torch
 
 from cache.errors import CacheMismatchError, InputError
 from cache.store import ImageCache, TextCache
-from heads.checkpoint import head_from_checkpoint, load_checkpoint
-from heads.config import load_config
-from heads.models.linear import LinearHead
+from heads.checkpoint import load_checkpoint
 from heads.losses import build_loss
-from heads.model import RetrievalModel
-from heads.train import (NonFiniteLossError, Trainer, evaluate_split, lr_factor, param_groups,
-                         train)
+from heads.model import RetrievalModel, head_from_checkpoint
+from heads.models.linear import LinearHead
+from train.config import load_config
+from train.trainer import (NonFiniteLossError, Trainer, evaluate_split, lr_factor, param_groups,
+                           train)
 from tests.heads.synthetic_caches import (IMAGE_TAG, TEXT_TAG, World, config_overrides,
                                           write_dataset, write_split)
 

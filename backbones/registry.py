@@ -25,17 +25,17 @@ Image encoders (``list_image_encoders()``), default weights, and layout at the d
   grid = ceil(resolution / stride)). Layers: see docs/views-and-backbones.md.
 - ``timm``: any timm model, no default weights (``weights`` is a timm model folder, ``ARCH=FILE`` or
   a timm model name); prefix = the model's CLS/registers (ViTs) or the grid mean (CNNs), grid from
-  the patch size or stage reduction. See `extract.timm_backbones`.
+  the patch size or stage reduction. See `backbones.timm_backbones`.
 
 Text encoders (``list_text_encoders()``): ``bert`` (bert-base-uncased, 768) and ``minilm``
 (all-minilm-l6-v2, the offline all-MiniLM-L6-v2 package, 384).
 
 ``weights`` takes a named offline weights id, a local folder (loaded with ``local_files_only``) or a
-hub id; see `extract.weights` (``timm``: see `extract.timm_backbones`). The patch grid is
+hub id; see `backbones.weights` (``timm``: see `backbones.timm_backbones`). The patch grid is
 ``resolution // patch_size`` with the patch size read from the model config (never guessed from a
 token count); the resolution must be a multiple of the backbone's stride. The ``preprocessing`` of
 every image encoder is a PIL resize to resolution x resolution (no crop) plus normalisation, see
-`extract.transforms`.
+`backbones.transforms`.
 
 ``layer`` selects the hidden states to return:
 
@@ -49,7 +49,7 @@ every image encoder is a PIL resize to resolution x resolution (no crop) plus no
   (0 = patch embeddings, k = output of stage k before its patch merging), so grid and dim shrink and grow
   with k. EfficientNet-Lite0 and ``timm``: ``k`` is an entry of timm's ``feature_info``, taken with
   ``forward_intermediates`` (no norm): a stage of a CNN, a block of a ViT counted from 0 (see
-  `extract.timm_backbones`). EfficientNet-Lite0 at 224 px (grid = resolution / stride):
+  `backbones.timm_backbones`). EfficientNet-Lite0 at 224 px (grid = resolution / stride):
 
   ===== ========================= ====== ========= ====
   k     timm module               stride grid      D
@@ -70,15 +70,15 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from cache.errors import InputError
-from extract.encoders import ImageEncoder, TextEncoder, TokenLayout, patch_grid
-from extract.timm_backbones import LITE_VARIANTS, efficientnet_lite, timm_encoder
-from extract.transforms import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, ImageTransform
-from extract.weights import (
+from backbones.encoders import ImageEncoder, TextEncoder, TokenLayout, patch_grid
+from backbones.timm_backbones import LITE_VARIANTS, efficientnet_lite, timm_encoder
+from backbones.transforms import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, ImageTransform
+from backbones.weights import (
     load_hf_model,
     load_hf_tokenizer,
     resolve_weights,
 )
+from cache.errors import InputError
 
 
 # ----------------------------------------------------------------------------------------- registry

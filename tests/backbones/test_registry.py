@@ -16,15 +16,15 @@ import pytest
 import torch
 from PIL import Image
 
-from cache.errors import InputError
-from extract import dinov2_onnx
-from extract.backbones import (
+from backbones import dinov2_onnx
+from backbones.registry import (
     TokenLayout,
     create_image_encoder,
     create_text_encoder,
     list_image_encoders,
     list_text_encoders,
 )
+from cache.errors import InputError
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "runs", "on", "the", "grass", "cat", "sleeps"]
 TINY_VIT = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=32)

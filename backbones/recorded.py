@@ -11,9 +11,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from backbones.encoders import ImageEncoder, TextEncoder
 from cache.errors import InputError
 from cache.store import CacheAttrs
-from extract.encoders import ImageEncoder, TextEncoder
 
 Encoder = ImageEncoder | TextEncoder
 
@@ -24,7 +24,7 @@ def recorded_encoder(modality: str, recorded: Mapping[str, Any] | CacheAttrs, wh
     ``weights_hash``, ``layer``, ``resolution``; text: ``preprocessing.max_length`` or
     ``num_tokens``), returning ``layer`` (default: the recorded one). InputError naming ``where``
     when it cannot be built or its weights no longer hash to ``weights_hash``."""
-    from extract.backbones import create_image_encoder, create_text_encoder
+    from backbones.registry import create_image_encoder, create_text_encoder
 
     if isinstance(recorded, CacheAttrs):
         recorded = dataclasses.asdict(recorded)

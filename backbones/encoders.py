@@ -1,5 +1,5 @@
 """What every backbone wrapper is: the token layout it writes, the image / text encoder
-interfaces that the extraction runner drives (`extract.backbones` registers the backbones), and
+interfaces that the extraction runner drives (`backbones.registry` registers the backbones), and
 the parameter groups of its model (timm's ``group_matcher``, for layer-wise lr decay)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from backbones.transforms import ImageTransform
+from backbones.weights import WeightsSource, state_dict_hash
 from cache.errors import InputError
-from extract.transforms import ImageTransform
-from extract.weights import WeightsSource, state_dict_hash
 
 
 @dataclass(frozen=True)

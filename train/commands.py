@@ -1,7 +1,7 @@
 """Stage-two commands: ``cli train-head``, ``cli eval`` and ``cli export-backbone``.
 
-The commands only parse options and print; the work is in ``heads.train`` (training),
-``heads.eval.evaluate`` (scoring and metrics), ``heads.export`` (a tail or e2e run's tuned
+The commands only parse options and print; the work is in ``train.trainer`` (training),
+``train.evaluate`` (scoring and metrics), ``train.export`` (a tail or e2e run's tuned
 backbone) and the helpers below (resolving configs, opening the caches of a checkpoint), which
 other commands and options reuse.
 """
@@ -19,10 +19,10 @@ from cache.device import resolve_device
 from cache.errors import InputError
 from cache.store import MODALITIES, ImageCache, TextCache, centre_view_note
 from heads.checkpoint import load_checkpoint
-from heads.config import (cache_paths, config_without_file, flatten, load_config,
-                          parse_override)
 from heads.eval.metrics import PROTOCOLS, describe_captions_per_image
 from heads.model import RetrievalModel, create_model
+from train.config import (cache_paths, config_without_file, flatten, load_config,
+                          parse_override)
 
 # ----------------------------------------------------------------------------------- train-head
 
@@ -43,7 +43,7 @@ def resolve_train_config(config_path: str | None, overrides: tuple[str, ...], he
     overrides = tuple(f"data.{k}={v}" for k, v in data.items() if v is not None) + overrides
     if not resume:
         return load_config(config_path, overrides, head)
-    from heads.train import LAST
+    from train.trainer import LAST
     saved = load_checkpoint(out / LAST)["config"]
     config = load_config(None, overrides, head, base=saved)
     if config_path is not None:
@@ -84,7 +84,7 @@ def train_head(config_path: str | None, head: str | None, features: str | None,
     cli train-head --config configs/f8k_vse.yaml --head linear --set optim.epochs=5 --out runs/lin
     torchrun --nproc-per-node 4 cli.py train-head --config configs/coco_vse.yaml --out runs/coco
     """
-    from heads.train import NonFiniteLossError, train
+    from train.trainer import NonFiniteLossError, train
 
     if device is not None:
         overrides = overrides + (f"run.device={device}",)
@@ -257,7 +257,7 @@ def _reject_given(options: dict[str, Any], reason: str) -> None:
 
 def run_full(run: EvalRun, save_sims: str | None, max_images: int | None) -> None:
     """``cli eval``: score every pair of the protocol's galleries, print the table, write JSON."""
-    from heads.eval.evaluate import evaluate
+    from train.evaluate import evaluate
 
     result = evaluate(run.model, run.image_cache, run.text_cache, protocol=run.protocol,
                       device=run.device, batch_size=run.batch_size, save_sims=save_sims,
@@ -274,9 +274,9 @@ def run_full(run: EvalRun, save_sims: str | None, max_images: int | None) -> Non
 
 
 def run_two_stage(run: EvalRun, request: TwoStageRequest) -> None:
-    """``cli eval --rerank-topk``: two-stage retrieval (``heads.eval.evaluate.two_stage``), printed
+    """``cli eval --rerank-topk``: two-stage retrieval (``train.evaluate.two_stage``), printed
     as the coarse-only and the final recall tables, and written to the JSON report."""
-    from heads.eval.evaluate import two_stage
+    from train.evaluate import two_stage
     from heads.eval.rerank import parse_topk
 
     coarse = run.model
@@ -326,7 +326,7 @@ def export_backbone(checkpoint: str, side: str, out: str, overwrite: bool) -> No
     cli export-backbone runs/f8k_linear_minilm_tail/best.pt --side text --out tuned/minilm
     cli extract --text-encoder minilm --text-weights tuned/minilm --text-tag minilm_tuned ...
     """
-    from heads.export import export_backbone as export
+    from train.export import export_backbone as export
 
     result = export(checkpoint, side, out, overwrite=overwrite)
     click.echo(f"wrote {result.out}: the {side} backbone of {checkpoint} (epoch {result.epoch}), "

@@ -21,13 +21,13 @@ import torch
 from PIL import Image
 from timm.models import save_for_hf
 
+from backbones.registry import create_image_encoder, create_text_encoder
+from backbones.tails import BATCH_NORMS, StageTail, Tail, tail_from_cache
 from cache.datasets import token_batches
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
-from extract.backbones import create_image_encoder, create_text_encoder
 from extract.datasets import load_split
 from extract.demo_data import generate_demo_data
-from extract.tails import BATCH_NORMS, StageTail, Tail, tail_from_cache
 from heads.sources import TailTokens
 from tests.extract.cli_helpers import run_cli, save_tiny_models
 

@@ -5,7 +5,7 @@ from typing import Any
 
 from cache.errors import InputError
 from heads.base import Head
-from heads.config import longest_prefix
+from train.config import longest_prefix
 
 
 def _renamed(name: str, rename: dict[str, str]) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from cache.errors import InputError
-from heads.config import (DEFAULTS, TAIL_LR_MULT, apply_overrides, cache_paths, flatten,
+from train.config import (DEFAULTS, TAIL_LR_MULT, apply_overrides, cache_paths, flatten,
                           load_config, longest_prefix, parse_override, save_config)
 
 REPO = Path(__file__).resolve().parents[2]
