@@ -78,8 +78,8 @@ def test_rerank_rescoring_the_shortlist_with_an_interaction_head(
                            "--fine-checkpoint", fine, "--json", "--device", "cpu")
     assert code == 0, output
     assert [h["path"] for h in json.loads(output)["hits"]] == [h.path for h in reranked.hits]
-    code, output = run_cli("search", indexed, "a red circle", "-k", 2, "--rerank", 6, "--fine",
-                           fine, "--json", "--device", "cpu")        # a shortlist of 6, show 2
+    code, output = run_cli("search", indexed, "a red circle", "-k", 2, "--rerank-topk", 6,
+                           "--fine-checkpoint", fine, "--json", "--device", "cpu")        # a shortlist of 6, show 2
     assert code == 0, output
     deep = opened.rerank(opened.query_text("a red circle", k=6), fine, 6)
     assert [h["path"] for h in json.loads(output)["hits"]] == [h.path for h in deep.hits[:2]]

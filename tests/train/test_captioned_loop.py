@@ -177,8 +177,9 @@ def test_the_karpathy_layout_as_a_csv_gives_the_same_caches_and_numbers(own, tmp
                            tmp_path / "f30k.json")
     assert code == 0 and "5 captions per photo" in output, output
     csv_test = tmp_path / "features" / "as_csv" / "test"
-    code, output = run_cli("eval", "--checkpoint", run / "best.pt", "--device", "cpu", "--images",
-                           csv_test / "image-dinov2.h5", "--texts", csv_test / "text-bert.h5",
+    code, output = run_cli("eval", "--checkpoint", run / "best.pt", "--device", "cpu",
+                           "--image-cache", csv_test / "image-dinov2.h5",
+                           "--text-cache", csv_test / "text-bert.h5",
                            "--json", tmp_path / "csv.json")
     assert code == 0, output
     reports = [json.loads((tmp_path / f"{n}.json").read_text()) for n in ("f30k", "csv")]
