@@ -86,35 +86,31 @@ def test_teacher_score_matches_naive_mrsw_loop(world):
         assert torch.allclose(scores, naive_mrsw(head, split), atol=1e-4)
 
 
-def test_distillation_term_matches_naive_listnet(world):
-    head = make_head(world, alignment_weight=0.0, matching_weight=0.0, student_scale=4.0).train()
-    split = sample(world, 6)
-    batch = split.batch(torch.arange(0, 12, 2))
+def _distillation_case(world, **options):
+    """The distillation-only loss of a fresh head on one batch, and its teacher and student
+    score matrices for that batch."""
+    head = make_head(world, alignment_weight=0.0, matching_weight=0.0, student_scale=4.0,
+                     **options).train()
+    batch = sample(world, 6).batch(torch.arange(0, 12, 2))
     loss, logs = head.training_loss(*batch, CRITERION, Progress())
-    assert set(logs) == {"loss", "distillation"}
     with torch.no_grad():
         img, txt = head.encode_images(batch[0]), head.encode_texts(batch[1])
         head.set_mode("teacher")
         teacher = head.score(img, txt)
         head.set_mode("student")
         student = head.score(img, txt)
+    return loss, logs, teacher, student
+
+
+def test_distillation_term_matches_naive_listnet(world):
+    loss, logs, teacher, student = _distillation_case(world)
+    assert set(logs) == {"loss", "distillation"}
     assert loss.item() == pytest.approx(naive_listnet(teacher, student, 4.0), rel=1e-4)
 
 
 @pytest.mark.parametrize("word_pool", ["sum", "mean"])
 def test_teacher_scale_sharpens_the_teacher_of_the_distillation(world, word_pool):
-    options = dict(alignment_weight=0.0, matching_weight=0.0, student_scale=4.0,
-                   teacher_scale=3.0, word_pool=word_pool)
-    head = make_head(world, **options).train()
-    split = sample(world, 6)
-    batch = split.batch(torch.arange(0, 12, 2))
-    loss, _ = head.training_loss(*batch, CRITERION, Progress())
-    with torch.no_grad():
-        img, txt = head.encode_images(batch[0]), head.encode_texts(batch[1])
-        head.set_mode("teacher")
-        teacher = head.score(img, txt)
-        head.set_mode("student")
-        student = head.score(img, txt)
+    loss, _, teacher, student = _distillation_case(world, teacher_scale=3.0, word_pool=word_pool)
     assert loss.item() == pytest.approx(naive_listnet(3.0 * teacher, student, 4.0), rel=1e-4)
 
 
