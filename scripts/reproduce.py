@@ -325,6 +325,11 @@ def recipe_rows() -> list[Row]:
                         "yaml), 2 epochs, selected on 250 dev images; re-ranks linear's top 100",
                         "--config configs/f8k_scan_infonce.yaml", LINEAR_TOP100,
                         (EFFNET, "linear")))
+    rows += [fused("scan-infonce", "linear"), fused("tgdt-infonce", "linear"),
+             Row("aladin-infonce-top10", "the InfoNCE student's top 10 re-ranked by its teacher",
+                 (evaluation("aladin-teacher-infonce", "--rerank-topk 10 --coarse-checkpoint "
+                             f"{run_dir('aladin-student-infonce')}/best.pt"),),
+                 ("aladin-teacher-infonce", "aladin-student-infonce"))]
     for head, config in (("tgdt", "tgdt_infonce"), ("aladin-teacher", "aladin_teacher_infonce"),
                          ("scan", "scan_infonce")):
         for lr in ("5e-4", "2e-3"):
