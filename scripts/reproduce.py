@@ -299,9 +299,7 @@ def recipe_rows() -> list[Row]:
              "--set head.consistency_weight=0 --set head.embed_dim=512 "
              "--set optim.batch_size=256"),
             ("mean-b256", "the recipe's global branch with batches of 256 (the linear head's)",
-             "--set optim.batch_size=256"),
-            ("mean-512-b256", "the recipe's global branch at 512-d with batches of 256",
-             "--set head.embed_dim=512 --set head.ff_dim=1024 --set optim.batch_size=256")):
+             "--set optim.batch_size=256")):
         rows.append(trained(f"tgdt-gonly-{name}", f"TGDT's global branch alone (InfoNCE, "
                             f"alignment_weight 0), one epoch: {what}",
                             f"{global_only} {options}", "--mode global"))
@@ -330,13 +328,15 @@ def recipe_rows() -> list[Row]:
                  (evaluation("aladin-teacher-infonce", "--rerank-topk 10 --coarse-checkpoint "
                              f"{run_dir('aladin-student-infonce')}/best.pt"),),
                  ("aladin-teacher-infonce", "aladin-student-infonce"))]
-    for head, config in (("tgdt", "tgdt_infonce"), ("aladin-teacher", "aladin_teacher_infonce"),
-                         ("scan", "scan_infonce")):
+    for head, config, eval_options, needs in (
+            ("tgdt", "tgdt_infonce", "", (EFFNET,)),
+            ("aladin-teacher", "aladin_teacher_infonce", "", (EFFNET,)),
+            ("scan", "scan_infonce", LINEAR_TOP100, (EFFNET, "linear"))):
         for lr in ("5e-4", "2e-3"):
             rows.append(trained(f"{head}-infonce-lr{lr}", f"`{head}-infonce`'s first epoch at lr "
                                 f"{lr} (the lr search on dev)",
                                 f"--config configs/f8k_{config}.yaml --set optim.lr={lr} "
-                                f"{ONE_EPOCH}"))
+                                f"{ONE_EPOCH}", eval_options, needs))
     return rows
 
 
