@@ -123,6 +123,11 @@ class Head(nn.Module):
         """Parameter-name prefixes that receive no gradient by design (e.g. ``"teacher."``)."""
         return ()
 
+    def trained_branches(self) -> list[str | None]:
+        """The inference branches this head's training fits: every named mode, or the default
+        branch (None). A head that trains only some of its branches in a stage says which."""
+        return list(self.modes) or [None]
+
     def encode_images(self, batch: TokenBatch) -> Encoded:
         raise NotImplementedError
 

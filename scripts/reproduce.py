@@ -269,7 +269,7 @@ def recipe_rows() -> list[Row]:
     epoch each; the recipe's own lr is the first epoch of its full run) and the full runs."""
     configs = " ".join(f"--config configs/f8k_{name}.yaml" for name in FIT_CONFIGS)
     rows = [Row("fit-check", "every head's config fits the first 100 training images and their "
-                "500 captions (R@1 >= 95 both ways on those pairs, every branch)?",
+                "500 captions (R@1 >= 95 both ways on those pairs, every branch the config trains)?",
                 (f"python cli.py check-fit {configs} --max-steps 1000 --threads 1 "
                  f"--report {run_dir('fit-check')}/fit.json",),
                 (EFFNET,), (f"{run_dir('fit-check')}/fit.json",))]

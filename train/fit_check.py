@@ -4,7 +4,8 @@ A head that cannot reach near-perfect recall on the pairs it was trained on (a f
 steps, no augmentation) has a bug (a wrong mask, a detached branch, a loss term that fights the
 others), not a recipe problem. ``fit_pairs`` trains a freshly built head on the first
 ``num_images`` images of a split and all of their captions, with the configured loss and
-learning rate, and measures R@1 on the same pairs for every inference branch of the head, until
+learning rate, and measures R@1 on the same pairs for every branch the head trains
+(``Head.trained_branches``: ALADIN's teacher stage fits the teacher only), until
 each branch reaches ``target`` or ``max_steps`` is spent.
 
 The data path is the cache's own (``ImageCache.read`` / ``TextCache.read``), the head and loss are
@@ -72,11 +73,6 @@ def fit_subset(images: ImageCache, texts: TextCache, num_images: int
     return image_batch, text_batch, torch.from_numpy(caption_image[caption_rows].astype(np.int64))
 
 
-def branches(head: Head) -> list[str | None]:
-    """Every inference branch of ``head``: its named modes, or the default one."""
-    return list(head.modes) or [None]
-
-
 def _encode(head: Head, batch: TokenBatch, encode: Callable[[TokenBatch], Encoded],
             block: int) -> Encoded:
     parts = [encode(batch.index(torch.arange(start, min(start + block, len(batch)))))
@@ -109,7 +105,7 @@ def fit_pairs(config: dict[str, Any], images: ImageCache, texts: TextCache,
               target: float = FIT_TARGET, seed: int = 0,
               log: Callable[[str], None] | None = None) -> FitResult:
     """Train the head of ``config`` on the first ``num_images`` images of (``images``, ``texts``)
-    and their captions until every branch reaches R@1 >= ``target`` in both directions on those
+    and their captions until every trained branch reaches R@1 >= ``target`` in both directions on those
     pairs, or ``max_steps`` optimisation steps (batch ``optim.batch_size``, Adam at
     ``optim.lr``, constant; no weight decay, no token drop)."""
     torch.manual_seed(seed)
@@ -152,7 +148,7 @@ def fit_pairs(config: dict[str, Any], images: ImageCache, texts: TextCache,
         if step % check_every and step != max_steps:
             continue
         record: dict[str, Any] = {"step": step, "loss": result.final_loss}
-        for mode in branches(head):
+        for mode in head.trained_branches():
             metrics = pair_recall(head, img_batch, txt_batch, caption_image, mode)
             name = mode or "default"
             record[name] = {"i2t_r1": metrics["i2t_r1"], "t2i_r1": metrics["t2i_r1"]}
@@ -189,5 +185,5 @@ def format_fit_table(results: list[tuple[str, FitResult]], target: float = FIT_T
     return "\n".join(lines)
 
 
-__all__ = ["FIT_TARGET", "FitResult", "fit_subset", "branches", "pair_recall", "fit_pairs",
+__all__ = ["FIT_TARGET", "FitResult", "fit_subset", "pair_recall", "fit_pairs",
            "format_fit_table"]

@@ -28,7 +28,7 @@ from train.fit_check import FIT_TARGET, fit_pairs, format_fit_table
 @click.option("--check-every", default=100, show_default=True, type=click.IntRange(min=1),
               help="Measure recall on the fitted pairs every N steps.")
 @click.option("--target", default=FIT_TARGET, show_default=True,
-              type=click.FloatRange(0, 1), help="R@1 (both directions, every branch) to reach.")
+              type=click.FloatRange(0, 1), help="R@1 (both directions, every trained branch) to reach.")
 @click.option("--threads", default=0, type=click.IntRange(min=0),
               help="torch CPU threads (0: torch's default).")
 @click.option("--report", type=click.Path(dir_okay=False),

@@ -199,6 +199,11 @@ class ALADINHead(Head):
         trains the teacher only (the student is unused until a student run copies the teacher)."""
         return {"student": ("teacher.",), "teacher": ("student.",)}.get(self.stage, ())
 
+    def trained_branches(self) -> list[str | None]:
+        """Stage ``teacher`` fits the teacher, ``student`` the student (its teacher comes trained
+        from another run), ``joint`` both."""
+        return {"teacher": ["teacher"], "student": ["student"]}.get(self.stage, list(self.modes))
+
     def _require_teacher(self) -> None:
         if not self._teacher_ready:
             raise InputError(f"aladin: the teacher of stage 'student' was never loaded from "

@@ -76,6 +76,15 @@ def test_every_head_fits_its_training_pairs(features: Path, head: str) -> None:
         assert min(branch.values()) >= 95.0
 
 
+def test_only_the_branches_a_stage_trains_are_checked(features: Path) -> None:
+    config = _config(features, "aladin")
+    config["head"]["stage"] = "teacher"          # the student is not trained in this stage
+    images, texts = cache_paths(config, "train")
+    result = fit_pairs(config, ImageCache(images), TextCache(texts), num_images=NUM_IMAGES,
+                       max_steps=400, check_every=25)
+    assert list(result.branches) == ["teacher"] and result.reached
+
+
 def test_a_head_that_cannot_fit_is_reported_and_fails_the_command(features: Path,
                                                                    tmp_path: Path) -> None:
     good = _config_file(tmp_path, "linear", 3e-3)
