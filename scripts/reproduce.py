@@ -32,6 +32,7 @@ MINILM_L4 = "cache-minilm-l4"
 TUNED = "cache-minilm-tuned"
 TUNED_E2E = "cache-minilm-e2e"
 EFFNET_L3 = "cache-effnet-l3"
+LITE2 = "cache-effnet-lite2"
 LINEAR_TOP100 = "--rerank-topk 100 --coarse-checkpoint runs/f8k_linear/best.pt"
 ONE_EPOCH = '--set optim.epochs=1 --set "optim.milestones=[1]"'
 BATCH32 = "--set optim.batch_size=32 --set optim.lr=3.0e-4"
@@ -465,6 +466,11 @@ def all_rows() -> list[Row]:
         *patch_family_rows(),
         *two_branch_rows(),
         *recipe_rows(),
+        extraction(LITE2, "EfficientNet-Lite2 image caches (260 px: 1 + 9 x 9 tokens x 1280)",
+                   "--backbone efficientnet_lite2", ("image-efficientnet_lite2.h5",)),
+        trained("linear-lite2", "the linear head on the efficientnet_lite2 cache, 3 epochs",
+                "--config configs/f8k_linear.yaml --set data.image=efficientnet_lite2 "
+                "--set optim.epochs=3", needs=(EFFNET, LITE2)),
         trained("linear-dinov2", "the linear head on the dinov2_s14 cache, 3 epochs",
                 "--config configs/f8k_linear.yaml --set data.image=dinov2_s14 "
                 "--set optim.epochs=3", needs=both),
