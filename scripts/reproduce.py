@@ -471,6 +471,16 @@ def all_rows() -> list[Row]:
         trained("linear-lite2", "the linear head on the efficientnet_lite2 cache, 3 epochs",
                 "--config configs/f8k_linear.yaml --set data.image=efficientnet_lite2 "
                 "--set optim.epochs=3", needs=(EFFNET, LITE2)),
+        trained("tgdt-infonce-lite2", "TGDT on the InfoNCE recipe on the efficientnet_lite2 cache, "
+                "3 epochs, local branch", "--config configs/f8k_tgdt_infonce.yaml "
+                "--set data.image=efficientnet_lite2", needs=(EFFNET, LITE2)),
+        fused("tgdt-infonce-lite2", "linear-lite2"),
+        trained("scan-infonce-lite2", "SCAN on the InfoNCE recipe on the efficientnet_lite2 cache, "
+                "2 epochs; re-ranks `linear-lite2`'s top 100", "--config configs/f8k_scan_infonce.yaml "
+                "--set data.image=efficientnet_lite2",
+                f"--rerank-topk 100 --coarse-checkpoint {run_dir('linear-lite2')}/best.pt",
+                (EFFNET, LITE2, "linear-lite2")),
+        fused("scan-infonce-lite2", "linear-lite2"),
         trained("linear-dinov2", "the linear head on the dinov2_s14 cache, 3 epochs",
                 "--config configs/f8k_linear.yaml --set data.image=dinov2_s14 "
                 "--set optim.epochs=3", needs=both),
