@@ -29,6 +29,7 @@ from cache.datasets import check_pairing, to_token_batch
 from cache.errors import InputError
 from cache.store import ImageCache, TextCache
 from heads.base import Encoded, FeatureSpec, Head, Progress, cat_encoded, index_encoded
+from heads.checkpoint import load_pretrained_parts
 from heads.eval.metrics import recall_metrics
 from heads.losses import build_loss
 from heads.registry import build_head
@@ -73,8 +74,8 @@ def fit_subset(images: ImageCache, texts: TextCache, num_images: int
     return image_batch, text_batch, torch.from_numpy(caption_image[caption_rows].astype(np.int64))
 
 
-def _encode(head: Head, batch: TokenBatch, encode: Callable[[TokenBatch], Encoded],
-            block: int) -> Encoded:
+def _encode(batch: TokenBatch, encode: Callable[[TokenBatch], Encoded], block: int) -> Encoded:
+    """``encode`` over ``batch`` in blocks of ``block`` rows, concatenated."""
     parts = [encode(batch.index(torch.arange(start, min(start + block, len(batch)))))
              for start in range(0, len(batch), block)]
     return cat_encoded(parts)
@@ -88,8 +89,8 @@ def pair_recall(head: Head, images: TokenBatch, texts: TokenBatch, caption_image
     head.set_mode(mode)
     try:
         with torch.no_grad():
-            img = _encode(head, images, head.encode_images, 64)
-            txt = _encode(head, texts, head.encode_texts, 256)
+            img = _encode(images, head.encode_images, 64)
+            txt = _encode(texts, head.encode_texts, 256)
             n = images.tokens.shape[0]
             rows = [head.score(index_encoded(img, slice(s, min(s + SCORE_BLOCK, n))), txt)
                     for s in range(0, n, SCORE_BLOCK)]
@@ -114,7 +115,6 @@ def fit_pairs(config: dict[str, Any], images: ImageCache, texts: TextCache,
     head_cfg = {k: v for k, v in config["head"].items() if k != "name"}
     head = build_head(config["head"]["name"], *specs, **head_cfg)
     if head.pretrained_parts():
-        from heads.checkpoint import load_pretrained_parts
         load_pretrained_parts(head)
     criterion = build_loss(config["loss"]["name"],
                            **{k: v for k, v in config["loss"].items() if k != "name"})
